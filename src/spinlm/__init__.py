@@ -1,0 +1,3 @@
+"""spinlm: SPIN (Self-Play Fine-Tuning) for causal language models."""
+
+__version__ = "0.1.0"
