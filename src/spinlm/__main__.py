@@ -1,0 +1,5 @@
+import sys
+
+from spinlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,442 @@
+"""SPINTrainer: the Self-Play Fine-Tuning loop (Chen et al. 2024), readable top to bottom.
+
+Each iteration t the reference policy (the iterate of t-1) answers the training prompts; the
+policy is trained with a DPO-style loss to prefer the ground-truth ("actual") answer over the
+reference's ("generated") one; at the end of the iteration the reference becomes the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from spinlm.algorithms.rollouts import Rollout, RolloutStore
+from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
+from spinlm.data.collate import pad_right, spin_custom_collate
+from spinlm.errors import SpinlmError
+from spinlm.loss import reward_metrics, spin_loss
+from spinlm.model.generation import SamplingParams, generate
+from spinlm.model.logprobs import masked_sum_logprobs
+from spinlm.model.reference import ReferencePolicy
+from spinlm.utils.checkpoint import Checkpointer
+from spinlm.utils.logger import RunLogger, RunTimer
+
+log = logging.getLogger(__name__)
+
+
+def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size: int) -> tuple[int, int, int]:
+    """(steps_per_epoch, steps_per_iteration, max_steps) as NeMo counts them (drop_last batches)."""
+    full_epoch = num_train_samples // global_batch_size
+    if full_epoch == 0:
+        raise SpinlmError(
+            f"config: the training set has {num_train_samples} samples, fewer than "
+            f"model.global_batch_size={global_batch_size}; lower the batch size or add data"
+        )
+    steps_per_epoch = resolve_limit(spin_cfg.limit_train_batches, full_epoch, "trainer.spin.limit_train_batches")
+    if steps_per_epoch == 0:
+        raise SpinlmError("config: trainer.spin.limit_train_batches leaves no training batch")
+    steps_per_iteration = steps_per_epoch * spin_cfg.max_epochs
+    max_steps = steps_per_iteration * spin_cfg.max_iterations
+    if spin_cfg.max_steps is not None and spin_cfg.max_steps >= 0:
+        max_steps = min(max_steps, spin_cfg.max_steps)
+    return steps_per_epoch, steps_per_iteration, max_steps
+
+
+class TrainingError(SpinlmError):
+    """Training cannot go on (e.g. a non-finite loss); nothing bad was saved."""
+
+
+class SPINTrainer:
+    """Coordinates SPIN: generation, reference log-probs, the loss step, validation, checkpoints.
+
+    Supports:
+      - generation once per iteration (default; the reference is fixed within it), kept on disk
+        in `rollouts/` and reused by every epoch and by a resumed run; or every epoch
+        (`model.spin.regenerate_each_epoch`, NeMo's behaviour);
+      - reference log-probs computed once per generated set, in fixed batches;
+      - any micro batch size, gradient accumulation up to `model.global_batch_size`;
+      - sigmoid / hinge / ipo losses, beta scalar or one per iteration;
+      - exact resume: weights, optimizer, scheduler, RNG, data position (the data order is a
+        function of seed, iteration and epoch) and the generated answers;
+      - validation on the same batches every time (SFT loss of the ground-truth answers);
+      - a wall-time limit (`trainer.max_time`): validate, save, stop.
+    Assumes: one process (multi-process training is a later extension), chat data rendered
+    by `spinlm.data`, right-padded batches.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        policy: nn.Module,
+        reference: ReferencePolicy,
+        tokenizer: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_dataset: Any,
+        val_dataset: Any,
+        logger: RunLogger,
+        checkpointer: Checkpointer,
+        rollout_store: RolloutStore,
+        run_timer: RunTimer,
+        end_strings: list[str] | None = None,
+    ):
+        self.cfg = cfg.trainer.spin
+        self.model_cfg = cfg.model
+        self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.logger, self.checkpointer, self.rollouts, self.run_timer = logger, checkpointer, rollout_store, run_timer
+        self.device = next(policy.parameters()).device
+        self.eos_id = tokenizer.eos_token_id
+        self.precision = str(cfg.trainer.precision)
+        self.save_hf_on_end = cfg.exp_manager.checkpoint_callback_params.save_nemo_on_train_end
+
+        spin = self.model_cfg.spin
+        sampling = OmegaConf.to_container(spin.sampling_params, resolve=True)
+        sampling["end_strings"] = list(dict.fromkeys(sampling["end_strings"] + list(end_strings or [])))
+        self.sampling = SamplingParams(**sampling, **OmegaConf.to_container(spin.length_params, resolve=True))
+
+        self.global_batch_size = self.model_cfg.global_batch_size
+        self.micro_batch_size = self.model_cfg.micro_batch_size
+        counts = count_steps(len(train_dataset), self.cfg, self.global_batch_size)
+        self.steps_per_epoch, self.steps_per_iteration, self.max_steps = counts
+        self.val_check_interval = resolve_interval(
+            self.cfg.val_check_interval, self.steps_per_epoch, "trainer.spin.val_check_interval"
+        )
+        self.val_batches = self._val_batches()
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.beta = kl_penalty_for_iteration(spin.ref_policy_kl_penalty, 0)
+        self.last_val_loss: float | None = None
+        self._pending_timings: dict[str, float] = {}
+
+    # ----- derived position -------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return (self.step // self.steps_per_epoch) % self.cfg.max_epochs
+
+    @property
+    def iteration(self) -> int:
+        return (self.step // self.steps_per_epoch) // self.cfg.max_epochs
+
+    # ----- the loop ---------------------------------------------------------------------
+    def fit(self) -> None:
+        self.run_timer.start()
+        if self.step >= self.max_steps:
+            log.info("nothing to do: step %d >= max_steps %d", self.step, self.max_steps)
+            self._finish()
+            return
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="Training steps", dynamic_ncols=True)
+        for _ in range(self.iteration, self.cfg.max_iterations):
+            self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, self.iteration)
+            for _ in range(self.epoch, self.cfg.max_epochs):
+                for batch in self.augment_dataloader(self.iteration, self.epoch):
+                    metrics = self.train_single_step(batch)
+                    self.step += 1
+                    self.consumed_samples += self.global_batch_size
+                    end_of_iteration = self.step % self.steps_per_iteration == 0
+                    if end_of_iteration:
+                        # before any save at this boundary, so a resume trains against the new opponent
+                        self.reference.refresh_from(self.policy)
+                    is_last = self.step >= self.max_steps
+                    time_up = self.run_timer.is_finished()
+                    self._log_step(metrics, batch)
+                    bar.update(1)
+                    bar.set_postfix(iteration=metrics["iteration"], epoch=metrics["epoch"], loss=f"{metrics['loss']:.4f}")
+                    if self.step % self.val_check_interval == 0 or is_last or time_up:
+                        self.run_validation()
+                        self._log_samples(batch)
+                    if self.step % self.cfg.save_interval == 0 or is_last or time_up:
+                        self.save()
+                    if time_up and not is_last:
+                        log.info("trainer.max_time reached at step %d; saved, stopping", self.step)
+                        bar.close()
+                        return
+                    if is_last:
+                        bar.close()
+                        self._finish()
+                        return
+        bar.close()
+        self._finish()
+
+    # ----- data: pair each ground-truth answer with the reference's answer --------------
+    def augment_dataloader(self, iteration: int, epoch: int) -> Iterator[dict[str, Tensor]]:
+        """Training batches of the epoch from the current step on, with generations and reference log-probs."""
+        rollouts = self._rollouts_for(iteration, epoch)
+        order = self._epoch_order(iteration, epoch)
+        start = self.step % self.steps_per_epoch
+        for b in range(start, self.steps_per_epoch):
+            indices = order[b * self.global_batch_size:(b + 1) * self.global_batch_size]
+            yield self._pair_batch(indices, rollouts)
+
+    def _epoch_order(self, iteration: int, epoch: int) -> list[int]:
+        n = len(self.train_dataset)
+        if not self.model_cfg.data.train_ds.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.model_cfg.seed + 7919 * (iteration * self.cfg.max_epochs + epoch))
+        return torch.randperm(n, generator=g).tolist()
+
+    def _used_indices(self, iteration: int, epochs: range) -> list[int]:
+        used = self.steps_per_epoch * self.global_batch_size
+        return sorted({i for e in epochs for i in self._epoch_order(iteration, e)[:used]})
+
+    def _rollouts_for(self, iteration: int, epoch: int) -> dict[int, Rollout]:
+        per_epoch = bool(self.model_cfg.spin.regenerate_each_epoch)
+        key_epoch = epoch if per_epoch else None
+        cached = self.rollouts.load(iteration, key_epoch)
+        if cached is not None:
+            return cached
+        epochs = range(epoch, epoch + 1) if per_epoch else range(self.cfg.max_epochs)
+        indices = self._used_indices(iteration, epochs)
+        prompts = [list(self.train_dataset[i]["prompt_ids"]) for i in indices]
+
+        t0 = time.perf_counter()
+        with self._autocast():
+            gens = generate(
+                self.reference.module, self.tokenizer, prompts, self.sampling,
+                batch_size=self.model_cfg.spin.rollout_micro_batch_size,
+                generator_seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
+                show_progress=True,
+            )
+        t1 = time.perf_counter()
+        ref_act, ref_gen = self._reference_logprobs(indices, gens.ids)
+        t2 = time.perf_counter()
+
+        rollouts = {
+            i: Rollout(ids, trunc, float(a), float(g))
+            for i, ids, trunc, a, g in zip(indices, gens.ids, gens.truncated, ref_act.tolist(), ref_gen.tolist())
+        }
+        texts = {i: self.tokenizer.decode(ids) for i, ids in zip(indices, gens.ids)}
+        self.rollouts.save(iteration, key_epoch, rollouts, texts)
+        n_tokens = sum(gens.lengths)
+        self._pending_timings = {
+            "timing/generation_s": t1 - t0,
+            "timing/generation_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+            "timing/ref_logprobs_s": t2 - t1,
+            "train/generations_truncated": gens.num_truncated,
+            "train/generations_count": len(indices),
+        }
+        log.info(
+            "iteration %d: generated %d answers (%d tokens, %d cut at max_length) in %.1fs; reference log-probs %.1fs",
+            iteration, len(indices), n_tokens, gens.num_truncated, t1 - t0, t2 - t1,
+        )
+        return rollouts
+
+    def _reference_logprobs(self, indices: list[int], generated: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Reference log p(actual) and log p(generated) for a set, in fixed batches (deterministic)."""
+        mbs = self.model_cfg.spin.log_prob_forward_micro_batch_size
+        act, gen = [], []
+        for s in range(0, len(indices), mbs):
+            chunk = indices[s:s + mbs]
+            items = [self.train_dataset[i] for i in chunk]
+            gen_items = [{"prompt_ids": it["prompt_ids"], "answer_ids": g} for it, g in zip(items, generated[s:s + mbs])]
+            for out, batch_items in ((act, items), (gen, gen_items)):
+                b = spin_custom_collate(batch_items, self.eos_id)
+                with self._autocast():
+                    out.append(self.reference.logprobs(b["prompts_and_answers"].to(self.device), b["masks"].to(self.device)))
+        return torch.cat(act).float().cpu(), torch.cat(gen).float().cpu()
+
+    def _pair_batch(self, indices: list[int], rollouts: dict[int, Rollout]) -> dict[str, Tensor]:
+        items = [self.train_dataset[i] for i in indices]
+        actual = spin_custom_collate([{**it, "index": i} for it, i in zip(items, indices)], self.eos_id)
+        generated = spin_custom_collate(
+            [{"prompt_ids": it["prompt_ids"], "answer_ids": rollouts[i].generated_ids} for it, i in zip(items, indices)],
+            self.eos_id,
+        )
+        return {
+            "actual": actual["prompts_and_answers"],
+            "actual_mask": actual["masks"],
+            "generated": generated["prompts_and_answers"],
+            "generated_mask": generated["masks"],
+            "prompts_only": actual["prompts_only"],
+            "prompt_lengths": actual["prompt_lengths"],
+            "generated_lengths": generated["combined_lengths"] - generated["prompt_lengths"],
+            "generated_truncated": torch.tensor([rollouts[i].truncated for i in indices]),
+            "ref_policy_log_probs_actual": torch.tensor([rollouts[i].ref_logp_actual for i in indices]),
+            "ref_policy_log_probs_generated": torch.tensor([rollouts[i].ref_logp_generated for i in indices]),
+            "sample_index": actual["sample_index"],
+        }
+
+    # ----- one optimizer step -----------------------------------------------------------
+    def train_single_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """Zero grads, accumulate the loss over micro batches (one forward on actual + generated), clip, step."""
+        t0 = time.perf_counter()
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = batch["actual"].shape[0]
+        losses, rew_act, rew_gen = [], [], []
+        for s in range(0, n, self.micro_batch_size):
+            rows = slice(s, s + self.micro_batch_size)
+            m = batch["actual"][rows].shape[0]
+            tokens, masks = _stack_pairs(
+                batch["actual"][rows], batch["actual_mask"][rows],
+                batch["generated"][rows], batch["generated_mask"][rows], self.eos_id,
+            )
+            with self._autocast():
+                logps = masked_sum_logprobs(self.policy, tokens.to(self.device), masks.to(self.device)).float()
+            out = spin_loss(
+                logps[:m], logps[m:],
+                batch["ref_policy_log_probs_actual"][rows].to(self.device),
+                batch["ref_policy_log_probs_generated"][rows].to(self.device),
+                self.beta, self.model_cfg.spin.loss_type,
+            )
+            loss = out.losses.sum() / n
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss at step {self.step + 1}; nothing was saved for this step")
+            loss.backward()
+            losses.append(out.losses.detach())
+            rew_act.append(out.rewards_actual)
+            rew_gen.append(out.rewards_generated)
+        clip = self.cfg.gradient_clip_val
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; nothing was saved for this step")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        metrics = {
+            "loss": torch.cat(losses).mean().item(),
+            **reward_metrics(torch.cat(rew_act).cpu(), torch.cat(rew_gen).cpu()),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "beta": self.beta,
+        }
+        metrics["step_time"] = time.perf_counter() - t0
+        metrics["epoch"], metrics["iteration"] = self.epoch, self.iteration  # of the step just trained
+        return metrics
+
+    # ----- validation ---------------------------------------------------------------------
+    def _val_batches(self) -> list[list[int]]:
+        """Fixed validation batches (dataset order): val/loss is comparable across validations."""
+        n = len(self.val_dataset)
+        gbs = self.global_batch_size
+        batches = [list(range(s, min(s + gbs, n))) for s in range(0, n, gbs)]
+        if self.model_cfg.data.validation_ds.drop_last:
+            batches = [b for b in batches if len(b) == gbs]
+        count = resolve_limit(self.cfg.limit_val_batches, len(batches), "trainer.spin.limit_val_batches")
+        return batches[:count]
+
+    @torch.no_grad()
+    def run_validation(self) -> dict[str, float]:
+        """Token-mean SFT loss (NLL) of the ground-truth answers of the validation batches."""
+        if not self.val_batches:
+            return {}
+        was_training = self.policy.training
+        self.policy.eval()
+        total_nll, total_tokens = 0.0, 0
+        for batch_indices in self.val_batches:
+            for s in range(0, len(batch_indices), self.micro_batch_size):
+                items = [self.val_dataset[i] for i in batch_indices[s:s + self.micro_batch_size]]
+                b = spin_custom_collate(items, self.eos_id)
+                with self._autocast():
+                    logps = masked_sum_logprobs(self.policy, b["prompts_and_answers"].to(self.device), b["masks"].to(self.device))
+                total_nll -= logps.float().sum().item()
+                total_tokens += int(b["masks"].sum())
+        self.policy.train(was_training)
+        self.last_val_loss = total_nll / max(total_tokens, 1)
+        metrics = {"val/loss": self.last_val_loss}
+        self.logger.log_metrics(metrics, self.step)
+        return metrics
+
+    # ----- logging ------------------------------------------------------------------------
+    def _log_step(self, metrics: dict[str, float], batch: dict[str, Tensor]) -> None:
+        row = {f"train/{k}": v for k, v in metrics.items() if k != "step_time"}
+        row.update({
+            "train/avg_generated_lengths": batch["generated_lengths"].float().mean().item(),
+            "train/consumed_samples": self.consumed_samples,
+            "train/step_time": metrics["step_time"],
+            "timing/train_step_s": metrics["step_time"],
+        })
+        row.update(self._pending_timings)
+        self._pending_timings = {}
+        self.logger.log_metrics(row, self.step)
+
+    def _log_samples(self, batch: dict[str, Tensor], k: int = 3) -> None:
+        rows = []
+        for i in range(min(k, batch["actual"].shape[0])):
+            p = int(batch["prompt_lengths"][i])
+            g = int(batch["generated_lengths"][i])
+            rows.append({
+                "prompt": self.tokenizer.decode(batch["prompts_only"][i, :p]),
+                "response": self.tokenizer.decode(batch["generated"][i, p:p + g]),
+            })
+        self.logger.log_table("train/generations", rows, self.step)
+
+    # ----- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "val_loss": self.last_val_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.last_val_loss = state.get("val_loss")
+
+    def save(self) -> None:
+        self.checkpointer.save(
+            self.step,
+            modules={"policy": self.policy, "reference": self.reference.module},
+            states={
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            },
+            meta=self.state_dict(),
+        )
+
+    def restore(self, path) -> None:
+        """Resume from a checkpoint directory written by `save`."""
+        states, meta = self.checkpointer.load(path, {"policy": self.policy, "reference": self.reference.module})
+        self.optimizer.load_state_dict(states["optimizer"])
+        self.scheduler.load_state_dict(states["scheduler"])
+        torch.set_rng_state(states["rng"]["torch"])
+        if states["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["rng"]["cuda"])
+        self.load_state_dict(meta)
+        self.logger.rewind(self.step)
+        log.info("resumed from %s at step %d (iteration %d, epoch %d)", path, self.step, self.iteration, self.epoch)
+
+    def _finish(self) -> None:
+        if self.save_hf_on_end and self.step >= self.max_steps:
+            from spinlm.model.loading import export_hf
+
+            out = export_hf(self.policy, self.tokenizer, self.logger.run_dir / "final")
+            log.info("final policy exported to %s (Hugging Face format)", out)
+
+    def _autocast(self):
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+
+def _stack_pairs(actual: Tensor, actual_mask: Tensor, generated: Tensor, generated_mask: Tensor, pad: int):
+    """One (2m, L) batch of actual rows then generated rows, trimmed to the longest real row."""
+    length = int(max(_last_true(actual_mask), _last_true(generated_mask))) + 1
+    tokens = pad_right([*actual[:, :length], *generated[:, :length]], pad)
+    masks = torch.zeros_like(tokens, dtype=torch.bool)
+    masks[: actual.shape[0], : min(length, actual_mask.shape[1])] = actual_mask[:, :length]
+    masks[actual.shape[0]:, : min(length, generated_mask.shape[1])] = generated_mask[:, :length]
+    return tokens, masks
+
+
+def _last_true(mask: Tensor) -> int:
+    cols = mask.any(dim=0).nonzero()
+    return int(cols.max()) if cols.numel() else 0

@@ -1,0 +1,1 @@
+"""The packaged Hydra config (gpt_spin.yaml)."""

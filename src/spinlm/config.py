@@ -1,0 +1,240 @@
+"""Loading and checking the Hydra config `conf/gpt_spin.yaml`.
+
+The YAML is the single source of defaults. Overrides use Hydra's syntax (`a.b=1`); every
+key and type is checked against the YAML so a typo is an error, not a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from spinlm.errors import ConfigError
+
+CONFIG_MODULE = "spinlm.conf"
+CONFIG_NAME = "gpt_spin"
+
+# Keys whose values legitimately take several types (the YAML default shows only one).
+_UNION_TYPES: dict[str, tuple[type, ...]] = {
+    "trainer.devices": (int, str),
+    "trainer.precision": (str, int),
+    "trainer.max_time": (str,),
+    "trainer.spin.val_check_interval": (int, float),
+    "trainer.spin.limit_train_batches": (int, float),
+    "trainer.spin.limit_val_batches": (int, float),
+    "trainer.spin.gradient_clip_val": (int, float),
+    "model.spin.ref_policy_kl_penalty": (int, float, list),
+    "model.encoder_seq_length": (int,),
+    "model.data.chat_prompt_tokens": (dict,),
+    "pretrained_checkpoint.restore_from_path": (str,),
+    "exp_manager.exp_dir": (str,),
+}
+
+
+def register_resolvers() -> None:
+    """The arithmetic resolvers NeMo configs use; idempotent."""
+    for name, fn in {
+        "multiply": lambda x, y: x * y,
+        "int_div": lambda x, y: x // y,
+        "subtract": lambda x, y: x - y,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def load_config(
+    overrides: Sequence[str] = (), config_path: str | None = None, config_name: str = CONFIG_NAME
+) -> DictConfig:
+    """Compose the config with command-line overrides and check it against the packaged defaults.
+
+    `config_path`/`config_name` select a user's own YAML (as Hydra's --config-path/--config-name);
+    its keys must still be ones the packaged gpt_spin.yaml defines.
+    """
+    register_resolvers()
+    defaults = _compose(None, CONFIG_NAME, ())
+    cfg = _compose(config_path, config_name, overrides)
+    check_against_defaults(cfg, defaults)
+    return cfg
+
+
+def _compose(config_path: str | None, config_name: str, overrides: Sequence[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        if config_path:
+            init = initialize_config_dir(config_dir=str(Path(config_path).resolve()), version_base=None)
+        else:
+            init = initialize_config_module(config_module=CONFIG_MODULE, version_base=None)
+        with init:
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_first_line(e)) from e
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e)
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown and "not in struct" in f"{text} {e.__cause__}":
+        return f"config: unknown key '{unknown.group(1)}' (see spinlm/conf/gpt_spin.yaml)"
+    lines = text.strip().splitlines()
+    return f"config: {lines[0] if lines else type(e).__name__}"
+
+
+def _type_ok(value: Any, default: Any, key: str) -> bool:
+    if value is None:
+        return True
+    allowed = _UNION_TYPES.get(key)
+    if allowed is None:
+        if default is None:
+            return True
+        allowed = (type(default),)
+        if isinstance(default, float):
+            allowed = (int, float)
+    if bool in (type(value),) and bool not in allowed:
+        return False  # True is an int in Python; do not accept it for a number
+    return isinstance(value, allowed)
+
+
+def check_against_defaults(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
+    """Refuse keys the YAML does not define and values whose type differs from the default."""
+    known = set(defaults.keys())
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"config: unknown key '{path}' (see spinlm/conf/gpt_spin.yaml)")
+        if OmegaConf.is_missing(cfg, key) or OmegaConf.is_interpolation(cfg, key):
+            continue
+        default = _plain_default(defaults, key)
+        value = cfg[key]
+        if isinstance(value, DictConfig) and isinstance(default, DictConfig):
+            check_against_defaults(value, default, prefix=f"{path}.")
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
+        if isinstance(default, (DictConfig, ListConfig)):
+            default = OmegaConf.to_container(default)
+        if not _type_ok(value, default, path):
+            raise ConfigError(f"config: '{path}' must be {_type_name(default, path)}, got {value!r}")
+
+
+def _plain_default(defaults: DictConfig, key: str) -> Any:
+    """The YAML's default, or None when it is mandatory (???) or computed (${...})."""
+    if OmegaConf.is_missing(defaults, key) or OmegaConf.is_interpolation(defaults, key):
+        return None
+    return defaults[key]
+
+
+def _type_name(default: Any, key: str) -> str:
+    types = _UNION_TYPES.get(key) or (type(default),)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def parse_max_time(value: str | None) -> float | None:
+    """'DD:HH:MM:SS' (Lightning's format) -> seconds; None means no limit."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"(\d+):(\d{1,2}):(\d{1,2}):(\d{1,2})", str(value).strip())
+    if not m:
+        raise ConfigError(f"config: trainer.max_time must be 'DD:HH:MM:SS', got {value!r}")
+    d, h, mi, s = (int(x) for x in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+def resolve_limit(limit: int | float | None, total: int, key: str) -> int:
+    """NeMo's limit_*_batches: float = fraction of `total`, int = count, -1 (or 1.0) = all."""
+    if limit is None or limit == -1:
+        return total
+    if isinstance(limit, float):
+        if not 0.0 <= limit <= 1.0:
+            raise ConfigError(f"config: {key} as a fraction must be in [0, 1], got {limit}")
+        return int(total * limit)
+    if limit < 0:
+        raise ConfigError(f"config: {key} must be >= 0 or -1, got {limit}")
+    return min(int(limit), total)
+
+
+def resolve_interval(interval: int | float, steps_per_epoch: int, key: str) -> int:
+    """val_check_interval: float = fraction of an epoch, int = steps; at least 1."""
+    if isinstance(interval, float):
+        if not 0.0 < interval <= 1.0:
+            raise ConfigError(f"config: {key} as a fraction must be in (0, 1], got {interval}")
+        return max(1, int(steps_per_epoch * interval))
+    if interval <= 0:
+        raise ConfigError(f"config: {key} must be a positive number of steps, got {interval}")
+    return int(interval)
+
+
+def kl_penalty_for_iteration(penalty: float | Sequence[float], iteration: int) -> float:
+    """beta for an iteration: a scalar applies to all, a list gives one value per iteration."""
+    if isinstance(penalty, (int, float)):
+        return float(penalty)
+    values = list(penalty)
+    if iteration >= len(values):
+        raise ConfigError(
+            f"config: model.spin.ref_policy_kl_penalty has {len(values)} values but iteration "
+            f"{iteration} needs one (give one per iteration, trainer.spin.max_iterations)"
+        )
+    return float(values[iteration])
+
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
+SCHEDULERS = ("CosineAnnealing", "Constant")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Impossible values, caught before any model loads. Raises ConfigError naming the key."""
+    spin, model, optim = cfg.trainer.spin, cfg.model, cfg.model.optim
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"config: {key} {why}")
+
+    for key in ("train_ds", "validation_ds"):
+        if OmegaConf.is_missing(model.data[key], "file_path") or model.data[key].file_path is None:
+            raise ConfigError(f"config: model.data.{key}.file_path is required (a JSONL chat file)")
+    need(cfg.pretrained_checkpoint.restore_from_path is not None, "pretrained_checkpoint.restore_from_path",
+         "is required (a Hugging Face model directory or a .gguf file)")
+    need(bool(model.data.chat), "model.data.chat", "must be true: SPIN trains on chat data")
+    need(spin.max_iterations >= 1, "trainer.spin.max_iterations", f"must be >= 1, got {spin.max_iterations}")
+    need(spin.max_epochs >= 1, "trainer.spin.max_epochs", f"must be >= 1, got {spin.max_epochs}")
+    need(spin.save_interval >= 1, "trainer.spin.save_interval", f"must be >= 1, got {spin.save_interval}")
+    need(model.micro_batch_size >= 1, "model.micro_batch_size", f"must be >= 1, got {model.micro_batch_size}")
+    per_step = model.micro_batch_size * world_size
+    need(model.global_batch_size >= 1 and model.global_batch_size % per_step == 0, "model.global_batch_size",
+         f"({model.global_batch_size}) must be a positive multiple of micro_batch_size x world size "
+         f"({model.micro_batch_size} x {world_size})")
+    need(optim.lr > 0, "model.optim.lr", f"must be > 0, got {optim.lr}")
+    need(optim.weight_decay >= 0, "model.optim.weight_decay", f"must be >= 0, got {optim.weight_decay}")
+    need(optim.name.lower() == "adamw", "model.optim.name", f"must be adamw, got {optim.name!r}")
+    need(optim.sched.name in SCHEDULERS, "model.optim.sched.name", f"must be one of {SCHEDULERS}")
+    need(optim.sched.min_lr >= 0, "model.optim.sched.min_lr", "must be >= 0")
+    need(model.spin.loss_type in LOSS_TYPES, "model.spin.loss_type", f"must be one of {LOSS_TYPES}")
+    need(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
+    need(model.data.length_policy in ("truncate", "drop"), "model.data.length_policy", "must be truncate or drop")
+    need(bool(model.data.train_ds.drop_last), "model.data.train_ds.drop_last", "must be true (as in NeMo)")
+    need(not cfg.exp_manager.create_wandb_logger, "exp_manager.create_wandb_logger", "is not supported")
+    need(cfg.exp_manager.checkpoint_callback_params.mode in ("min", "max"),
+         "exp_manager.checkpoint_callback_params.mode", "must be min or max")
+    beta = model.spin.ref_policy_kl_penalty
+    if isinstance(beta, ListConfig):
+        need(all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in beta),
+             "model.spin.ref_policy_kl_penalty", f"must be a number or a list of numbers, got {list(beta)}")
+        need(len(beta) >= spin.max_iterations, "model.spin.ref_policy_kl_penalty",
+             f"has {len(beta)} values but trainer.spin.max_iterations is {spin.max_iterations}")
+    sp = model.spin.sampling_params
+    need(sp.temperature > 0, "model.spin.sampling_params.temperature", "must be > 0")
+    need(0 < sp.top_p <= 1, "model.spin.sampling_params.top_p", "must be in (0, 1]")
+    need(sp.top_k >= 0, "model.spin.sampling_params.top_k", "must be >= 0")
+    parse_max_time(cfg.trainer.max_time)

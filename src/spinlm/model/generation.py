@@ -1,0 +1,205 @@
+"""Sample answers to tokenized prompts with Hugging Face ``generate``, keeping the sampled token ids.
+
+Two measured pitfalls shape this module (see SPIN_REFERENCE.md): ``generate(do_sample=True)``
+silently fills unset sampling fields from the model's ``generation_config`` (top_k=50), and
+decoding + re-encoding an answer changes its token ids. So every sampling field is explicit,
+the model's own generation config is hidden during the call, and answers are returned as the
+sampled ids, cut after the stop token, with nothing appended to a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from spinlm.model.loading import unwrap
+
+
+@dataclass
+class SamplingParams:
+    """NeMo-Aligner's ``sampling_params`` + ``length_params``; lengths count new tokens."""
+
+    use_greedy: bool = False  # argmax decoding instead of sampling
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    top_p: float = 1.0  # 1.0 = no nucleus filtering
+    repetition_penalty: float = 1.0  # 1.0 = no penalty
+    end_strings: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<extra_id_1>"])  # plus eos
+    max_length: int = 256  # maximum new tokens
+    min_length: int = 1  # minimum new tokens before a stop token may be sampled
+
+
+@dataclass
+class Generations:
+    """Sampled answers in prompt order, as sampled: the stop token is kept, nothing is appended."""
+
+    ids: list[list[int]]
+    truncated: list[bool]  # True when cut off by max_length before any stop
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(self.truncated)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, end_strings: list[str]) -> list[int]:
+    """Ids of the end strings that are single tokens, plus the tokenizer's eos id."""
+    ids = [i for i in (_single_token_id(tokenizer, s) for s in end_strings) if i is not None]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+        return token_id
+    encoded = tokenizer.encode(text, add_special_tokens=False)
+    return encoded[0] if len(encoded) == 1 else None
+
+
+def _multi_token_end_strings(tokenizer: PreTrainedTokenizerBase, end_strings: list[str]) -> list[str]:
+    return [s for s in end_strings if _single_token_id(tokenizer, s) is None]
+
+
+def build_generation_config(
+    params: SamplingParams, stop_ids: list[int], pad_token_id: int, stop_strings: list[str]
+) -> GenerationConfig:
+    """A GenerationConfig from scratch; top_k=0 is passed as 0 (HF then adds no top-k warper)."""
+    return GenerationConfig(
+        do_sample=not params.use_greedy,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=0.0,
+        typical_p=1.0,
+        repetition_penalty=params.repetition_penalty,
+        no_repeat_ngram_size=0,
+        max_new_tokens=params.max_length,
+        min_new_tokens=params.min_length,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_token_id,
+        stop_strings=stop_strings or None,
+        num_beams=1,
+        num_return_sequences=1,
+        use_cache=True,
+    )
+
+
+@contextlib.contextmanager
+def _isolated_generation_config(model: nn.Module) -> Iterator[None]:
+    """Hide the model's generation_config: HF fills every unset field from it, even with generation_config=."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    batch_size: int = 32,
+    generator_seed: int | None = None,
+    show_progress: bool = False,
+) -> Generations:
+    """Sample one answer per prompt, in batches of prompts of similar length (less padding).
+
+    ``generator_seed`` seeds torch's global RNG once before the first batch, so the same
+    prompts, weights and seed regenerate identical answers (the trainer seeds per iteration
+    so a resumed run regenerates what the interrupted one did).
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    model = unwrap(model)
+    stop_ids = stop_token_ids(tokenizer, params.end_strings)
+    stop_strings = _multi_token_end_strings(tokenizer, params.end_strings)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    config = build_generation_config(params, stop_ids, pad_id, stop_strings)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    answers: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    with _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
+        for batch in tqdm(batches, desc="Generating", disable=not show_progress):
+            new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
+            for i, row in zip(batch, new_tokens):
+                answers[i] = _cut_at_stop(row, set(stop_ids), stop_strings, tokenizer)
+    return Generations(ids=[a[0] for a in answers], truncated=[a[1] for a in answers])
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    pad_id: int,
+) -> list[list[int]]:
+    """Left-pad (decoder-only generate continues from the last column) and return the new tokens per row."""
+    input_ids, attention_mask = _left_pad(prompts, pad_id, _model_device(model))
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        tokenizer=tokenizer if config.stop_strings else None,
+    )
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cut_at_stop(
+    tokens: list[int], stop_ids: set[int], stop_strings: list[str], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], bool]:
+    """Keep tokens through the first stop (a stop id, or the token completing a stop string).
+
+    What follows is the padding generate appends to finished rows. Returns (ids, truncated).
+    """
+    for end, token in enumerate(tokens, start=1):
+        if token in stop_ids or _completes_stop_string(tokens[:end], stop_strings, tokenizer):
+            return tokens[:end], False
+    return tokens, True
+
+
+def _completes_stop_string(tokens: list[int], stop_strings: list[str], tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True once the decoded text contains a stop string; called on growing prefixes, so the first
+    True is the token that completes it (HF's StopStringCriteria rule)."""
+    if not stop_strings:
+        return False
+    text = tokenizer.decode(tokens)
+    return any(s in text for s in stop_strings)

@@ -1,0 +1,112 @@
+"""Load a causal LM + tokenizer from a Hugging Face directory or a GGUF file, and export one back.
+
+GGUF files are de-quantised to plain float weights on load (transformers does the conversion),
+so everything downstream trains an ordinary ``PreTrainedModel`` and exports safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from spinlm.errors import ConfigError
+
+CONFIG_KEY = "pretrained_checkpoint.restore_from_path"
+
+# Config attributes different architectures use for the maximum sequence length, in order of preference.
+_CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def load_pretrained(
+    path: str | Path, torch_dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model and its tokenizer; a missing pad token becomes eos (we right-pad with eos)."""
+    path = Path(path)
+    source, kwargs = _from_pretrained_args(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{CONFIG_KEY}: cannot load a causal LM from {path}: {e}") from e
+    _drop_gguf_quantizer(model)
+    _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _from_pretrained_args(path: Path) -> tuple[str, dict]:
+    """Map a user path to ``from_pretrained`` arguments, rejecting what cannot be a model early."""
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if not path.is_dir():
+        raise ConfigError(f"{CONFIG_KEY}: {path} is neither a model directory nor a .gguf file")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{CONFIG_KEY}: {path} is not a Hugging Face model directory (no config.json)")
+    return str(path), {}
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """GGUF weights arrive de-quantised; forget the quantizer so save_pretrained writes a plain model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token and make the model config agree with it."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save model (safetensors) + tokenizer to ``out_dir`` atomically, so a crash never leaves half a model."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after the swap."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def context_length(model: nn.Module) -> int:
+    """The longest sequence the model's position embeddings support, read from its config."""
+    config = unwrap(model).config
+    for key in _CONTEXT_LENGTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError(f"model config has none of {', '.join(_CONTEXT_LENGTH_KEYS)}; cannot tell its context length")

@@ -1,0 +1,67 @@
+"""Per-token log-probabilities of given sequences under a causal LM.
+
+Sequences are RIGHT-padded and scored without an attention mask: with causal attention a real
+token only attends to earlier positions, so pads after it cannot change its logits. Pad
+positions get (meaningless) log-probs that the masks exclude. This avoids building masks and
+keeps the forward identical to the one used for a single unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, L) log p(input_ids[:, i] | input_ids[:, :i]) for i >= 1; column 0 has no context and is 0."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    scores = _gather_logprobs(logits, input_ids[:, 1:])
+    return torch.nn.functional.pad(scores, (1, 0), value=0.0)
+
+
+def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log_softmax at the targets only, as target logit - logsumexp, in float32.
+
+    Avoids materialising a second (B, L, V) log_softmax tensor; only the float32 upcast of the
+    logits is allocated when the model runs in lower precision.
+    """
+    logits = logits.float()
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return target_logits - torch.logsumexp(logits, dim=-1)
+
+
+def masked_sum_logprobs(
+    model: nn.Module, input_ids: Tensor, masks: Tensor, micro_batch_size: int | None = None
+) -> Tensor:
+    """(B,) sum of token log-probs where ``masks`` is True (the answer tokens): log p(answer | prompt).
+
+    With ``micro_batch_size`` the batch is scored in chunks under ``torch.no_grad`` (reference
+    log-probs need no graph and chunks bound peak memory); without it the result keeps its graph.
+    """
+    if micro_batch_size is None:
+        return _masked_sum(model, input_ids, masks)
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    with torch.no_grad():
+        chunks = [
+            _masked_sum(model, ids, m)
+            for ids, m in zip(input_ids.split(micro_batch_size), masks.split(micro_batch_size))
+        ]
+    return torch.cat(chunks)
+
+
+def _masked_logprobs(model: nn.Module, input_ids: Tensor, masks: Tensor) -> Tensor:
+    """Token log-probs with unscored positions set to exactly 0 (where, not multiply: no 0 * -inf)."""
+    return torch.where(masks.bool(), token_logprobs(model, input_ids), 0.0)
+
+
+def _masked_sum(model: nn.Module, input_ids: Tensor, masks: Tensor) -> Tensor:
+    return _masked_logprobs(model, input_ids, masks).sum(dim=-1)
+
+
+def masked_mean_nll(model: nn.Module, input_ids: Tensor, masks: Tensor) -> Tensor:
+    """Scalar negative log-likelihood averaged over all masked tokens of the batch (the SFT loss)."""
+    count = masks.sum()
+    if count == 0:
+        raise ValueError("masked_mean_nll: the masks select no tokens")
+    return -_masked_logprobs(model, input_ids, masks).sum() / count

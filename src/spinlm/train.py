@@ -1,0 +1,140 @@
+"""The SPIN recipe: config -> model, data, optimizer, trainer -> fit. `spinlm train` calls `run`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from spinlm.algorithms.rollouts import RolloutStore
+from spinlm.algorithms.spin import SPINTrainer, count_steps
+from spinlm.config import parse_max_time, validate
+from spinlm.data.dataset import build_dataset, subsample
+from spinlm.data.render import ChatRenderer
+from spinlm.errors import ConfigError, DataError
+from spinlm.model.loading import context_length, load_pretrained
+from spinlm.model.reference import ReferencePolicy
+from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
+from spinlm.utils.logger import RunLogger, RunTimer
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("config: trainer.accelerator=gpu but no CUDA device is available")
+        return torch.device("cuda")
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cosine_annealing(step: int, max_steps: int, warmup_steps: int, constant_steps: int, min_ratio: float) -> float:
+    """NeMo's CosineAnnealing as a multiplier of the peak lr: linear warmup from 0, cosine decay to
+    min_lr over the steps between warmup and the final `constant_steps`, then min_lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(max_steps - warmup_steps - constant_steps, 0)
+    if decay_steps == 0 or step >= warmup_steps + decay_steps:
+        return min_ratio if decay_steps > 0 or step >= warmup_steps else 1.0
+    progress = (step - warmup_steps) / decay_steps
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: DictConfig, policy: torch.nn.Module, max_steps: int):
+    o = cfg.model.optim
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.sched.name == "Constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    else:
+        s = o.sched
+        min_ratio = s.min_lr / o.lr
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_annealing(step, max_steps, s.warmup_steps, s.constant_steps, min_ratio)
+        )
+    return optimizer, scheduler
+
+
+def _check_files(cfg: DictConfig) -> None:
+    for key in ("train_ds", "validation_ds"):
+        path = Path(cfg.model.data[key].file_path)
+        if not path.is_file():
+            raise DataError(f"{path}:0: file not found (model.data.{key}.file_path)")
+
+
+def build_trainer(cfg: DictConfig) -> SPINTrainer:
+    """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked."""
+    validate(cfg)
+    _check_files(cfg)
+    seed_everything(cfg.model.seed)
+    device = pick_device(cfg.trainer.accelerator)
+
+    policy, tokenizer = load_pretrained(cfg.pretrained_checkpoint.restore_from_path)
+    if cfg.model.encoder_seq_length is None:
+        cfg.model.encoder_seq_length = context_length(policy)
+    OmegaConf.resolve(cfg)
+    policy.to(device)
+    reference = ReferencePolicy(policy)
+
+    renderer = ChatRenderer(tokenizer, cfg.model.data.chat_prompt_tokens)
+    max_new = cfg.model.spin.length_params.max_length
+    datasets = {}
+    for key in ("train_ds", "validation_ds"):
+        ds_cfg = cfg.model.data[key]
+        if max_new >= ds_cfg.max_seq_length:
+            raise ConfigError(
+                f"config: model.spin.length_params.max_length ({max_new}) must be below "
+                f"model.data.{key}.max_seq_length ({ds_cfg.max_seq_length}) to leave room for the prompt"
+            )
+        datasets[key] = build_dataset(
+            ds_cfg.file_path, renderer, ds_cfg.max_seq_length, ds_cfg.max_seq_length - max_new,
+            policy=cfg.model.data.length_policy,
+        )
+    train = datasets["train_ds"]
+    if cfg.model.data.sample:
+        if cfg.trainer.spin.max_steps is None or cfg.trainer.spin.max_steps <= 0:
+            raise ConfigError("config: model.data.sample=true needs trainer.spin.max_steps > 0")
+        train = subsample(train, cfg.trainer.spin.max_steps * cfg.model.global_batch_size, cfg.model.seed)
+
+    run_dir = Path(cfg.exp_manager.explicit_log_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    ckpt = cfg.exp_manager.checkpoint_callback_params
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
+    logger = RunLogger(run_dir)
+    _, _, max_steps = count_steps(len(train), cfg.trainer.spin, cfg.model.global_batch_size)
+    optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
+    trainer = SPINTrainer(
+        cfg, policy, reference, tokenizer, optimizer, scheduler, train, datasets["validation_ds"],
+        logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts"),
+        run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run)), end_strings=renderer.end_strings,
+    )
+
+    latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists else None
+    if latest is not None:
+        trainer.restore(latest)
+    elif cfg.exp_manager.resume_if_exists and not cfg.exp_manager.resume_ignore_no_checkpoint:
+        raise ConfigError(f"config: exp_manager.resume_if_exists: no checkpoint in {checkpointer.directory}")
+    return trainer
+
+
+def run(cfg: DictConfig) -> SPINTrainer:
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.logger.close()
+    return trainer

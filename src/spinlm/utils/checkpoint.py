@@ -1,0 +1,142 @@
+"""Atomic, verifiable checkpoints: a directory per step, written under a temporary name and renamed.
+
+Layout of `checkpoints/step_000042/`: one `.safetensors` file per module (policy, reference),
+one `.pt` per other state (optimizer, scheduler, RNG), `trainer_state.json`, and last
+`manifest.json` with each file's size and SHA-256. A directory without a matching manifest
+(a crash mid-write, a corrupt disk) is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from spinlm.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that a reader sees the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints in one directory; keeps the newest `keep_last` plus the best."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, monitor: str = "val_loss", mode: str = "min"):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.monitor = monitor
+        self.mode = mode
+
+    def save(self, step: int, modules: dict[str, nn.Module], states: dict[str, Any], meta: dict) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"step_{step:06d}"
+        tmp = self.directory / f".tmp_step_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, module in modules.items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        for name, state in states.items():
+            torch.save(state, tmp / f"{name}.pt")
+        (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for p in files:
+            _fsync(p)
+        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.directory)
+        self._prune()
+        return final
+
+    def is_valid(self, path: Path) -> bool:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            return all(
+                (path / name).stat().st_size == entry["bytes"] and _sha256(path / name) == entry["sha256"]
+                for name, entry in manifest.items()
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _step_dirs(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        dirs = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint whose manifest verifies; broken ones are reported and skipped."""
+        for path in reversed(self._step_dirs()):
+            if self.is_valid(path):
+                return path
+            log.warning("checkpoint %s is incomplete or corrupt; trying the previous one", path)
+        return None
+
+    def load(self, path: Path, modules: dict[str, nn.Module]) -> tuple[dict[str, Any], dict]:
+        """Load weights into `modules`; return (other states, trainer meta)."""
+        if not self.is_valid(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (manifest does not match)")
+        for name, module in modules.items():
+            load_model(module, str(path / f"{name}.safetensors"))
+        states = {
+            p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in sorted(path.glob("*.pt"))
+        }
+        meta = json.loads((path / STATE).read_text(encoding="utf-8"))
+        return states, meta
+
+    def _metric(self, path: Path) -> float | None:
+        try:
+            value = json.loads((path / STATE).read_text(encoding="utf-8")).get(self.monitor)
+        except (OSError, ValueError):
+            return None
+        return None if value is None else float(value)
+
+    def _prune(self) -> None:
+        dirs = self._step_dirs()
+        keep = set(dirs[-self.keep_last:]) if self.keep_last > 0 else set(dirs[-1:])
+        scored = [(m, p) for p in dirs if (m := self._metric(p)) is not None]
+        if scored:
+            best = (min if self.mode == "min" else max)(scored, key=lambda mp: mp[0])[1]
+            keep.add(best)
+        for p in dirs:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)

