@@ -3,15 +3,18 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import importlib.util
+import json
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spinlm.errors import ConfigError
 from spinlm.model.loading import context_length, export_hf, load_pretrained
-from spinlm.model.tiny import save_tiny_model
+from spinlm.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +94,66 @@ def test_export_replaces_existing_dir_and_unwraps(loaded, tmp_path):
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dirs left
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == model.config.hidden_size
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary layout for q/k; transformers undoes it when loading a llama GGUF."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_llama_gguf(model, tokenizer, path: Path) -> Path:
+    """A float32 llama GGUF with a gpt2 (byte-level BPE) tokenizer and chat template, no pad token."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    special = set(tokenizer.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            array = _permute_qk(array, cfg.num_attention_heads)
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(array))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_round_trip(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    original = build_tiny_model(tokenizer)
+    gguf_path = _write_llama_gguf(original, tokenizer, tmp_path / "tiny.gguf")
+    model, loaded_tok = load_pretrained(gguf_path)
+    assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
+    assert loaded_tok.chat_template == tokenizer.chat_template
+    assert loaded_tok.pad_token == loaded_tok.eos_token == "<|im_end|>"  # the GGUF has no pad token
+    assert model.config.pad_token_id == loaded_tok.eos_token_id
+    text = "What is 12 + 7?<|im_end|>"
+    assert loaded_tok.encode(text) == tokenizer.encode(text)
+    ids = torch.tensor([tokenizer.encode(text)])
+    exported = AutoModelForCausalLM.from_pretrained(export_hf(model, loaded_tok, tmp_path / "export"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)
+        torch.testing.assert_close(exported(ids).logits, original(ids).logits)
 
 
 def _smollm2_gguf() -> Path | None:

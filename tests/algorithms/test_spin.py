@@ -1,0 +1,240 @@
+"""SPINTrainer behaviour on a tiny model: positions, reference handling, generation reuse, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spinlm.algorithms import spin as spin_module
+from spinlm.algorithms.spin import SPINTrainer, count_steps
+from spinlm.config import load_config
+from spinlm.model.generation import generate
+from spinlm.train import build_trainer, run
+
+
+def make_cfg(run_dir, model_dir, files, *overrides):
+    train, val = files
+    return load_config([
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
+        f"model.data.train_ds.file_path={train}",
+        f"model.data.validation_ds.file_path={val}",
+        f"exp_manager.explicit_log_dir={run_dir}",
+        "trainer.precision=32",
+        "trainer.spin.max_iterations=2",
+        "trainer.spin.max_epochs=2",
+        "trainer.spin.limit_train_batches=2",   # 2 steps an epoch -> 8 steps in all
+        "trainer.spin.val_check_interval=2",
+        "trainer.spin.save_interval=2",
+        "model.global_batch_size=4",
+        "model.micro_batch_size=2",
+        "model.encoder_seq_length=128",
+        "model.spin.length_params.max_length=24",
+        "model.spin.rollout_micro_batch_size=8",
+        "model.spin.log_prob_forward_micro_batch_size=4",
+        "model.optim.lr=1e-3",
+        "model.optim.sched.warmup_steps=2",
+        "model.optim.sched.constant_steps=0",
+        *overrides,
+    ])
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, tiny_model_dir, chat_files):
+    def factory(*overrides, run_name="run"):
+        return make_cfg(tmp_path / run_name, tiny_model_dir, chat_files, *overrides)
+    return factory
+
+
+def params_vector(module):
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----- positions ------------------------------------------------------------------------
+def test_count_steps_and_derived_positions(cfg_factory):
+    cfg = cfg_factory("trainer.spin.limit_train_batches=1.0")
+    assert count_steps(16, cfg.trainer.spin, 4) == (4, 8, 16)
+    cfg.trainer.spin.limit_train_batches = 0.5
+    assert count_steps(16, cfg.trainer.spin, 4) == (2, 4, 8)
+    cfg.trainer.spin.max_steps = 5
+    assert count_steps(16, cfg.trainer.spin, 4) == (2, 4, 5)
+    cfg.trainer.spin.limit_train_batches = 3
+    assert count_steps(17, cfg.trainer.spin, 4)[0] == 3
+
+    trainer = build_trainer(cfg_factory())
+    assert (trainer.steps_per_epoch, trainer.steps_per_iteration, trainer.max_steps) == (2, 4, 8)
+    expected = [(0, 0), (0, 0), (1, 0), (1, 0), (0, 1), (0, 1), (1, 1), (1, 1)]
+    for step, (epoch, iteration) in enumerate(expected):
+        trainer.step = step
+        assert (trainer.epoch, trainer.iteration) == (epoch, iteration)
+
+
+def test_kl_penalty_list_sets_beta_per_iteration(cfg_factory):
+    cfg = cfg_factory("model.spin.ref_policy_kl_penalty=[0.3,0.05]")
+    run(cfg)
+    rows = [r for r in read_metrics(Path(cfg.exp_manager.explicit_log_dir)) if "train/beta" in r]
+    assert [r["train/beta"] for r in rows] == [0.3] * 4 + [0.05] * 4
+
+
+# ----- the reference policy ---------------------------------------------------------------
+def test_generation_and_reference_logprobs_use_reference_weights(cfg_factory):
+    trainer = build_trainer(cfg_factory("model.spin.sampling_params.use_greedy=true"))
+    ref_before = params_vector(trainer.reference.module)
+    with torch.no_grad():  # the policy drifts away from the reference
+        for p in trainer.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    rollouts = trainer._rollouts_for(0, 0)
+    indices = sorted(rollouts)
+    prompts = [trainer.train_dataset[i]["prompt_ids"] for i in indices]
+    from_ref = generate(trainer.reference.module, trainer.tokenizer, prompts, trainer.sampling)
+    from_policy = generate(trainer.policy, trainer.tokenizer, prompts, trainer.sampling)
+    assert [rollouts[i].generated_ids for i in indices] == from_ref.ids
+    assert from_ref.ids != from_policy.ids
+    assert torch.equal(params_vector(trainer.reference.module), ref_before)
+
+    batch = trainer._pair_batch(indices[:2], rollouts)
+    expected = trainer.reference.logprobs(batch["actual"], batch["actual_mask"])
+    assert torch.allclose(batch["ref_policy_log_probs_actual"], expected, atol=1e-4)
+
+
+def test_reference_changes_at_iteration_ends_only(cfg_factory, monkeypatch):
+    trainer = build_trainer(cfg_factory())
+    seen = []
+    original = trainer._log_step
+
+    def record(metrics, batch):
+        seen.append((trainer.step, params_vector(trainer.reference.module), params_vector(trainer.policy)))
+        original(metrics, batch)
+
+    monkeypatch.setattr(trainer, "_log_step", record)
+    saved = []
+    original_save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda: (saved.append(params_vector(trainer.reference.module)), original_save()))
+    initial_ref = params_vector(trainer.reference.module)
+    trainer.fit()
+
+    previous = initial_ref
+    for step, ref, policy in seen:
+        if step % trainer.steps_per_iteration == 0:
+            assert torch.equal(ref, policy), f"reference not refreshed at iteration end (step {step})"
+        else:
+            assert torch.equal(ref, previous), f"reference changed inside an iteration (step {step})"
+        previous = ref
+    # the checkpoint written at step 4 (an iteration boundary) holds the refreshed reference
+    assert torch.equal(saved[1], seen[3][2])
+
+
+def test_generates_once_per_iteration_and_reuses_on_disk(cfg_factory, monkeypatch):
+    calls = []
+    real = spin_module.generate
+    monkeypatch.setattr(spin_module, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cfg = cfg_factory()
+    run(cfg)
+    assert len(calls) == 2
+    rollout_dir = Path(cfg.exp_manager.explicit_log_dir) / "rollouts"
+    assert sorted(p.name for p in rollout_dir.iterdir()) == ["iter_0.jsonl", "iter_1.jsonl"]
+
+    calls.clear()
+    run(cfg_factory("model.spin.regenerate_each_epoch=true", run_name="regen"))
+    assert len(calls) == 4
+
+
+def test_first_step_loss_is_log2_and_micro_batch_invariant(cfg_factory):
+    losses = {}
+    for mbs in (1, 4):
+        cfg = cfg_factory(f"model.micro_batch_size={mbs}", "trainer.spin.max_steps=1", run_name=f"mbs{mbs}")
+        trainer = build_trainer(cfg)
+        batch = next(trainer.augment_dataloader(0, 0))
+        metrics = trainer.train_single_step(batch)
+        losses[mbs] = (metrics["loss"], params_vector(trainer.policy))
+    assert losses[1][0] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the start
+    assert losses[4][0] == pytest.approx(losses[1][0], abs=1e-6)
+    assert torch.allclose(losses[1][1], losses[4][1], atol=1e-6)
+
+
+def test_validation_uses_the_same_batches(cfg_factory):
+    trainer = build_trainer(cfg_factory("trainer.spin.limit_val_batches=2"))
+    assert trainer.val_batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    first = trainer.run_validation()["val/loss"]
+    assert trainer.run_validation()["val/loss"] == first
+    assert first > 0
+
+
+# ----- checkpoints, resume, time limit, export ----------------------------------------------
+@pytest.mark.parametrize("crash_after", [3, 5, 7])
+def test_resume_after_crash_matches_uninterrupted_run(cfg_factory, monkeypatch, crash_after):
+    reference_run = build_trainer(cfg_factory(run_name="full"))
+    reference_run.fit()
+    full_losses = [r["train/loss"] for r in read_metrics(reference_run.logger.run_dir) if "train/loss" in r]
+
+    cfg = cfg_factory(run_name="crashy")
+    crashing = build_trainer(cfg)
+    real_step = SPINTrainer.train_single_step
+
+    def crash(self, batch):
+        if self.step == crash_after:
+            raise RuntimeError("simulated crash")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(SPINTrainer, "train_single_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.fit()
+    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
+
+    resumed = build_trainer(cfg)
+    assert resumed.step == crash_after - crash_after % 2  # the last checkpoint (save_interval=2)
+    resumed.fit()
+    assert torch.equal(params_vector(resumed.policy), params_vector(reference_run.policy))
+    assert torch.equal(params_vector(resumed.reference.module), params_vector(reference_run.reference.module))
+    losses = [r["train/loss"] for r in read_metrics(resumed.logger.run_dir) if "train/loss" in r]
+    assert losses == full_losses
+
+
+def test_max_time_validates_saves_and_stops(cfg_factory):
+    cfg = cfg_factory("trainer.max_time=00:00:00:00")
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    assert trainer.step == 1
+    run_dir = trainer.logger.run_dir
+    assert (run_dir / "checkpoints" / "step_000001").is_dir()
+    assert any("val/loss" in r for r in read_metrics(run_dir))
+    assert not (run_dir / "final").exists()  # not the end of training: no export yet
+
+    cfg.trainer.max_time = None
+    cfg.exp_manager.max_time_per_run = None
+    resumed = build_trainer(cfg)
+    assert resumed.step == 1
+    resumed.fit()
+    assert resumed.step == resumed.max_steps
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_final_export_reloads_as_hf_model(cfg_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = run(cfg_factory("trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1"))
+    final = trainer.logger.run_dir / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert torch.equal(params_vector(model), params_vector(trainer.policy))
+    assert tokenizer.chat_template is not None
+
+
+def test_metrics_use_reference_names_and_phase_timings(cfg_factory):
+    trainer = run(cfg_factory())
+    rows = read_metrics(trainer.logger.run_dir)
+    keys = set().union(*rows)
+    for name in ("train/loss", "train/acc", "train/rewards_actual_mean", "train/rewards_generated_mean",
+                 "train/rewards_all_mean", "train/rewards_all_std", "train/avg_generated_lengths",
+                 "train/grad_norm", "train/lr", "train/consumed_samples", "train/step_time", "train/epoch",
+                 "train/iteration", "val/loss", "timing/generation_s", "timing/ref_logprobs_s", "timing/train_step_s"):
+        assert name in keys, name
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(1, 9))
+    assert [r["train/iteration"] for r in rows if "train/loss" in r] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert (trainer.logger.run_dir / "samples.jsonl").read_text().count('"train/generations"') > 0

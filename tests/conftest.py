@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random chat model on disk and small chat files, all offline."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from spinlm.model.tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0, max_position_embeddings=256)
+
+
+def write_chat_jsonl(path, n: int, seed: int = 0):
+    """n short single- and multi-turn conversations in NeMo format (HF format for odd lines)."""
+    rows = []
+    for i in range(n):
+        a, b = (i * 7 + seed) % 13, (i * 3 + seed) % 11
+        turns = [("User", f"What is {a} + {b}?"), ("Assistant", f"{a} + {b} = {a + b}.")]
+        if i % 3 == 0:
+            turns = [("User", "Hi!"), ("Assistant", "Hello, how can I help?")] + turns
+        if i % 2:
+            msgs = [{"role": r.lower(), "content": c} for r, c in turns]
+            rows.append({"messages": ([{"role": "system", "content": "Be brief."}] if i % 4 == 1 else []) + msgs})
+        else:
+            rows.append({"system": "", "mask": "User", "conversations": [{"from": r, "value": c} for r, c in turns]})
+    # one file must use one format: keep NeMo rows only when seed is even, HF rows otherwise
+    keep = [r for r in rows if ("messages" in r) == bool(seed % 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def chat_files(tmp_path):
+    """(train.jsonl in NeMo format with 16 samples, val.jsonl in HF format with 8 samples)."""
+    train = write_chat_jsonl(tmp_path / "train.jsonl", 32, seed=0)
+    val = write_chat_jsonl(tmp_path / "val.jsonl", 16, seed=1)
+    return train, val

@@ -1,0 +1,73 @@
+"""The command line end to end: `python -m spinlm train` on the long multi-turn NeMo sample chats."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NEMO_SAMPLE = ROOT / "examples" / "data" / "nemo_dummy_sft.jsonl"
+
+
+def spinlm(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("SPINLM_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "spinlm", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_end_to_end_two_iterations_two_epochs(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "exp1"
+    result = spinlm(
+        "train",
+        f"pretrained_checkpoint.restore_from_path={tiny_model_dir}",
+        f"model.data.train_ds.file_path={NEMO_SAMPLE}",
+        f"model.data.validation_ds.file_path={NEMO_SAMPLE}",
+        "trainer.spin.max_iterations=2", "trainer.spin.max_epochs=2",
+        "model.spin.ref_policy_kl_penalty=0.1", "model.data.chat=True",
+        "model.global_batch_size=8", "model.micro_batch_size=4",
+        "model.spin.length_params.max_length=32",
+        f"exp_manager.explicit_log_dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    # 30 conversations // 8 = 3 steps an epoch, x 2 epochs x 2 iterations
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert {r["train/iteration"] for r in train_rows} == {0, 1}
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert any((run_dir / "tensorboard").iterdir())
+    assert "prompts cut" in result.stderr  # the length policy reports what it did to the long chats
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.spin.max_iteratons=2", "unknown key 'trainer.spin.max_iteratons'"),
+    ("model.optim.lr=fast", "'model.optim.lr' must be a number"),
+    ("trainer.max_time=1h", "trainer.max_time must be 'DD:HH:MM:SS'"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, tiny_model_dir, override, message):
+    result = spinlm(
+        "train", f"pretrained_checkpoint.restore_from_path={tiny_model_dir}",
+        f"model.data.train_ds.file_path={NEMO_SAMPLE}", f"model.data.validation_ds.file_path={NEMO_SAMPLE}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}", override, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_file_names_the_file(tmp_path, tiny_model_dir):
+    result = spinlm(
+        "train", f"pretrained_checkpoint.restore_from_path={tiny_model_dir}",
+        f"model.data.train_ds.file_path={tmp_path / 'nope.jsonl'}",
+        f"model.data.validation_ds.file_path={NEMO_SAMPLE}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "nope.jsonl" in result.stderr and "Traceback" not in result.stderr
