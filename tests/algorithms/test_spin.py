@@ -195,6 +195,36 @@ def test_resume_after_crash_matches_uninterrupted_run(cfg_factory, monkeypatch, 
     assert losses == full_losses
 
 
+def test_resume_with_dropout_restores_rng(tmp_path, chat_files, monkeypatch):
+    """With dropout the weights depend on the RNG stream: a resume must continue it exactly,
+    whether or not the iteration's generations were already on disk (crash at step 5: they were)."""
+    from spinlm.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, max_position_embeddings=256)
+    model.config.attention_dropout = 0.2
+    model.save_pretrained(tmp_path / "dropout_model")
+    tokenizer.save_pretrained(tmp_path / "dropout_model")
+    full = build_trainer(make_cfg(tmp_path / "full", tmp_path / "dropout_model", chat_files))
+    full.fit()
+
+    cfg = make_cfg(tmp_path / "crashy", tmp_path / "dropout_model", chat_files)
+    real_step = SPINTrainer.train_single_step
+
+    def crash(self, batch):
+        if self.step == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(SPINTrainer, "train_single_step", crash)
+    with pytest.raises(RuntimeError):
+        build_trainer(cfg).fit()
+    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
+    resumed = build_trainer(cfg)
+    resumed.fit()
+    assert torch.equal(params_vector(resumed.policy), params_vector(full.policy))
+
+
 def test_max_time_validates_saves_and_stops(cfg_factory):
     cfg = cfg_factory("trainer.max_time=00:00:00:00")
     trainer = build_trainer(cfg)

@@ -105,6 +105,14 @@ def test_seeded_sampling_is_reproducible(model, tokenizer, prompts):
     assert a == b and a.ids != c.ids
 
 
+def test_seeded_generation_leaves_the_global_rng_alone(model, tokenizer, prompts):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate(model, tokenizer, prompts, SamplingParams(max_length=8), generator_seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_model_generation_config_does_not_leak(model, tokenizer, prompts):
     """A model generation_config with top_k=1 would make sampling greedy if HF fell back to it."""
     saved = model.generation_config.top_k

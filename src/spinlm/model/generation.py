@@ -107,6 +107,19 @@ def _isolated_generation_config(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
+    """Sample from a private RNG stream: the caller's global RNG state is the same afterwards,
+    so training randomness does not depend on whether generation ran (or was read from disk)."""
+    if seed is None:
+        yield
+        return
+    device = _model_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
@@ -127,9 +140,9 @@ def generate(
 ) -> Generations:
     """Sample one answer per prompt, in batches of prompts of similar length (less padding).
 
-    ``generator_seed`` seeds torch's global RNG once before the first batch, so the same
-    prompts, weights and seed regenerate identical answers (the trainer seeds per iteration
-    so a resumed run regenerates what the interrupted one did).
+    ``generator_seed`` seeds a private RNG stream (the global RNG state is left as it was), so the
+    same prompts, weights and seed regenerate identical answers: the trainer seeds per iteration
+    so a resumed run regenerates what the interrupted one did.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -138,12 +151,10 @@ def generate(
     stop_strings = _multi_token_end_strings(tokenizer, params.end_strings)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     config = build_generation_config(params, stop_ids, pad_id, stop_strings)
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[tuple[list[int], bool] | None] = [None] * len(prompts)
-    with _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
+    with _seeded(generator_seed, model), _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
         for batch in tqdm(batches, desc="Generating", disable=not show_progress):
             new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
             for i, row in zip(batch, new_tokens):
@@ -190,8 +201,10 @@ def _cut_at_stop(
 
     What follows is the padding generate appends to finished rows. Returns (ids, truncated).
     """
+    # decoding every prefix is quadratic: only do it when the row contains a stop string at all
+    scan_strings = stop_strings if _completes_stop_string(tokens, stop_strings, tokenizer) else []
     for end, token in enumerate(tokens, start=1):
-        if token in stop_ids or _completes_stop_string(tokens[:end], stop_strings, tokenizer):
+        if token in stop_ids or _completes_stop_string(tokens[:end], scan_strings, tokenizer):
             return tokens[:end], False
     return tokens, True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -128,7 +129,10 @@ class Checkpointer:
             value = json.loads((path / STATE).read_text(encoding="utf-8")).get(self.monitor)
         except (OSError, ValueError):
             return None
-        return None if value is None else float(value)
+        if value is None:
+            return None
+        value = float(value)
+        return value if math.isfinite(value) else None  # a NaN/inf metric (diverged run) is never "best"
 
     def _prune(self) -> None:
         dirs = self._step_dirs()

@@ -29,7 +29,7 @@ class RunLogger:
             if not path.exists():
                 continue
             rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+            kept = [line for line in rows if _row_step(line) <= step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
@@ -55,6 +55,14 @@ class RunLogger:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def _row_step(line: str) -> float:
+    """A row's step; a line cut short by a crash mid-append is unreadable and is dropped (inf)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 def _plain(value: Any) -> Any:
