@@ -8,7 +8,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from spinlm.model.tiny import save_tiny_model  # noqa: E402
+from spinlm.model.tiny import build_tiny_tokenizer, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny ChatML byte-level BPE tokenizer (treat as read-only: it is shared)."""
+    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,6 @@ MULTI = Conversation(
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def renderer(tokenizer):
     return ChatRenderer(tokenizer)
 

@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from spinlm.model.generation import SamplingParams, build_generation_config, generate, stop_token_ids
-from spinlm.model.tiny import build_tiny_model, build_tiny_tokenizer
+from spinlm.model.tiny import build_tiny_model
 
 TEXTS = ["Hello!", "What is 12 + 7? The answer", "def f(x):", "The quick brown fox jumps over", "user"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ import torch
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.reference import ReferencePolicy
-from spinlm.model.tiny import build_tiny_model, build_tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+from spinlm.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
