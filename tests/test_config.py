@@ -393,3 +393,22 @@ def test_validate_accepts_edge_values(valid_cfg):
     valid_cfg.trainer.max_time = "00:00:10:00"
     valid_cfg.model.spin.sampling_params.top_p = 1.0
     validate(valid_cfg)
+
+
+def test_user_yaml_need_only_hold_the_keys_it_changes(tmp_path):
+    (tmp_path / "mine.yaml").write_text("trainer:\n  spin:\n    max_iterations: 5\nmodel:\n  optim:\n    lr: 1.0e-5\n")
+    cfg = load_config(["model.global_batch_size=8"], config_path=str(tmp_path), config_name="mine")
+    assert cfg.trainer.spin.max_iterations == 5
+    assert cfg.model.optim.lr == 1e-5
+    assert cfg.model.global_batch_size == 8
+    assert cfg.trainer.spin.max_epochs == 1  # packaged default
+    (tmp_path / "bad.yaml").write_text("trainer:\n  spin:\n    max_iteratons: 5\n")
+    with pytest.raises(ConfigError, match="max_iteratons"):
+        load_config([], config_path=str(tmp_path), config_name="bad")
+
+
+def test_max_time_per_run_is_validated():
+    cfg = load_config(["model.data.train_ds.file_path=a", "model.data.validation_ds.file_path=b",
+                       "pretrained_checkpoint.restore_from_path=m", "exp_manager.max_time_per_run=soon"])
+    with pytest.raises(ConfigError, match="exp_manager.max_time_per_run"):
+        validate(cfg)

@@ -11,9 +11,9 @@ from spinlm.train import build_optimizer, cosine_annealing
 
 
 def _hand(step, max_steps, warmup, constant, min_ratio):
-    """Written out independently: warmup (k+1)/W, then min + (1-min) cos^2(pi/2 * progress), then min."""
-    if step < warmup:
-        return (step + 1) / warmup
+    """Written out independently: warmup (k+1)/(W+1), then min + (1-min) cos^2(pi/2 * progress), then min."""
+    if warmup and step <= warmup:
+        return (step + 1) / (warmup + 1)
     decay = max_steps - warmup - constant
     if step >= warmup + decay:
         return min_ratio
@@ -33,12 +33,13 @@ def test_matches_hand_formula_everywhere():
     assert got == pytest.approx([_hand(s, MAX, WARM, CONST, MIN) for s in range(MAX)], rel=1e-12)
 
 
-def test_linear_warmup_reaches_peak_at_warmup_minus_one():
+def test_linear_warmup_reaches_peak_at_warmup_step():
+    """NeMo's WarmupPolicy: (step + 1) / (warmup + 1), the peak exactly once, at step `warmup`."""
     got = _curve()
-    assert got[:WARM] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    diffs = [b - a for a, b in zip(got[:WARM], got[1:WARM])]
-    assert diffs == pytest.approx([0.25] * (WARM - 1))  # linear
-    assert got[WARM] == pytest.approx(1.0)  # decay starts from the peak
+    assert got[:WARM + 1] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    diffs = [b - a for a, b in zip(got[:WARM + 1], got[1:WARM + 1])]
+    assert diffs == pytest.approx([0.2] * WARM)  # linear
+    assert got[WARM + 1] < 1.0  # decay follows the peak
 
 
 def test_decays_monotonically_to_min_ratio():
@@ -75,12 +76,12 @@ def test_constant_steps_longer_than_the_run():
     """Documented behaviour: no room to decay -> warmup to the peak, then straight to min_ratio.
     (The packaged defaults do this for any run shorter than 1010 steps.)"""
     got = _curve(max_steps=10, warmup=3, constant=1000, n=12)
-    assert got[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert got[3:] == pytest.approx([MIN] * 9)
+    assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert got[4:] == pytest.approx([MIN] * 8)
     # without warmup the whole run sits at min_ratio
     assert _curve(max_steps=10, warmup=0, constant=1000) == pytest.approx([MIN] * 10)
     # warmup longer than the run
-    assert _curve(max_steps=3, warmup=5, constant=0) == pytest.approx([0.2, 0.4, 0.6])
+    assert _curve(max_steps=3, warmup=5, constant=0) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
 
 
 def _cfg(*overrides):
@@ -120,7 +121,7 @@ def test_build_optimizer_follows_config_and_schedule():
         sched.step()
     expected = [1e-3 * _hand(k, max_steps, 3, 2, 0.1) for k in range(max_steps + 2)]
     assert lrs == pytest.approx(expected, rel=1e-9)
-    assert lrs[2] == pytest.approx(1e-3)  # peak at warmup - 1
+    assert lrs[3] == pytest.approx(1e-3)  # peak at step `warmup`
     assert lrs[-1] == pytest.approx(1e-4)  # min_lr at the end
 
 

@@ -7,6 +7,7 @@ key and type is checked against the YAML so a typo is an error, not a silently i
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,11 +53,21 @@ def load_config(
     """Compose the config with command-line overrides and check it against the packaged defaults.
 
     `config_path`/`config_name` select a user's own YAML (as Hydra's --config-path/--config-name);
-    its keys must still be ones the packaged gpt_spin.yaml defines.
+    its keys must be ones the packaged gpt_spin.yaml defines, and keys it leaves out keep the
+    packaged defaults.
     """
     register_resolvers()
     defaults = _compose(None, CONFIG_NAME, ())
-    cfg = _compose(config_path, config_name, overrides)
+    if not config_path:
+        cfg = _compose(None, CONFIG_NAME, overrides)
+        check_against_defaults(cfg, defaults)
+        return cfg
+    # a user's YAML need only hold the keys it changes: merge it onto the defaults, then override
+    user = _compose(config_path, config_name, ())
+    check_against_defaults(user, defaults)
+    with tempfile.TemporaryDirectory() as merged_dir:
+        (Path(merged_dir) / f"{CONFIG_NAME}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.merge(defaults, user)))
+        cfg = _compose(merged_dir, CONFIG_NAME, overrides)
     check_against_defaults(cfg, defaults)
     return cfg
 
@@ -140,13 +151,13 @@ def _type_name(default: Any, key: str) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-def parse_max_time(value: str | None) -> float | None:
+def parse_max_time(value: str | None, key: str = "trainer.max_time") -> float | None:
     """'DD:HH:MM:SS' (Lightning's format) -> seconds; None means no limit."""
     if value is None:
         return None
     m = re.fullmatch(r"(\d+):(\d{1,2}):(\d{1,2}):(\d{1,2})", str(value).strip())
     if not m:
-        raise ConfigError(f"config: trainer.max_time must be 'DD:HH:MM:SS', got {value!r}")
+        raise ConfigError(f"config: {key} must be 'DD:HH:MM:SS', got {value!r}")
     d, h, mi, s = (int(x) for x in m.groups())
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
 
@@ -238,3 +249,4 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(0 < sp.top_p <= 1, "model.spin.sampling_params.top_p", "must be in (0, 1]")
     need(sp.top_k >= 0, "model.spin.sampling_params.top_k", "must be >= 0")
     parse_max_time(cfg.trainer.max_time)
+    parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")

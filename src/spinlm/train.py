@@ -42,13 +42,13 @@ def pick_device(accelerator: str) -> torch.device:
 
 
 def cosine_annealing(step: int, max_steps: int, warmup_steps: int, constant_steps: int, min_ratio: float) -> float:
-    """NeMo's CosineAnnealing as a multiplier of the peak lr: linear warmup from 0, cosine decay to
-    min_lr over the steps between warmup and the final `constant_steps`, then min_lr."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+    """NeMo's CosineAnnealing as a multiplier of the peak lr: linear warmup (step+1)/(warmup+1) up to
+    the peak at step `warmup_steps`, cosine decay to min_lr, then min_lr for the final `constant_steps`."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
     decay_steps = max(max_steps - warmup_steps - constant_steps, 0)
     if decay_steps == 0 or step >= warmup_steps + decay_steps:
-        return min_ratio if decay_steps > 0 or step >= warmup_steps else 1.0
+        return min_ratio
     progress = (step - warmup_steps) / decay_steps
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -62,6 +62,12 @@ def build_optimizer(cfg: DictConfig, policy: torch.nn.Module, max_steps: int):
     else:
         s = o.sched
         min_ratio = s.min_lr / o.lr
+        if max_steps - s.warmup_steps - s.constant_steps <= 0:
+            log.warning(
+                "model.optim.sched: warmup_steps (%d) + constant_steps (%d) leave no step to decay over in a "
+                "run of %d steps, so the lr drops to min_lr (%g) after warmup; lower constant_steps",
+                s.warmup_steps, s.constant_steps, max_steps, s.min_lr,
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_annealing(step, max_steps, s.warmup_steps, s.constant_steps, min_ratio)
         )
@@ -120,7 +126,7 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     trainer = SPINTrainer(
         cfg, policy, reference, tokenizer, optimizer, scheduler, train, datasets["validation_ds"],
         logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts"),
-        run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run)), end_strings=renderer.end_strings,
+        run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")), end_strings=renderer.end_strings,
     )
 
     latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists else None

@@ -268,3 +268,11 @@ def test_metrics_use_reference_names_and_phase_timings(cfg_factory):
     assert steps == list(range(1, 9))
     assert [r["train/iteration"] for r in rows if "train/loss" in r] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert (trainer.logger.run_dir / "samples.jsonl").read_text().count('"train/generations"') > 0
+
+
+def test_data_sample_subsamples_max_steps_times_global_batch(cfg_factory):
+    trainer = build_trainer(cfg_factory("model.data.sample=true", "trainer.spin.max_steps=3"))
+    assert len(trainer.train_dataset) == 3 * 4
+    assert trainer.max_steps == 3
+    with pytest.raises(Exception, match="max_steps > 0"):
+        build_trainer(cfg_factory("model.data.sample=true", run_name="nosteps"))

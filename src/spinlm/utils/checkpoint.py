@@ -144,3 +144,5 @@ class Checkpointer:
         for p in dirs:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+        for stale in self.directory.glob(".tmp_step_*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
