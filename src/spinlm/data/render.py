@@ -127,12 +127,12 @@ def _check_prompt_tokens(tokens: Mapping[str, str] | None) -> dict[str, str] | N
         return None
     missing = [k for k in NEMO_PROMPT_KEYS if k not in tokens]
     if missing:
-        raise ConfigError(f"chat_prompt_tokens is missing key(s): {', '.join(missing)}")
+        raise ConfigError(f"config: model.data.chat_prompt_tokens is missing key(s): {', '.join(missing)}")
     bad = [k for k in NEMO_PROMPT_KEYS if not isinstance(tokens[k], str)]
     if bad:
-        raise ConfigError(f"chat_prompt_tokens values must be strings: {', '.join(bad)}")
+        raise ConfigError(f"config: model.data.chat_prompt_tokens values must be strings: {', '.join(bad)}")
     if not tokens["turn_start"]:
-        raise ConfigError("chat_prompt_tokens.turn_start must not be empty: it ends every answer")
+        raise ConfigError("config: model.data.chat_prompt_tokens.turn_start must not be empty: it ends every answer")
     return {k: tokens[k] for k in NEMO_PROMPT_KEYS}
 
 
