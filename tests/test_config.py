@@ -412,3 +412,13 @@ def test_max_time_per_run_is_validated():
                        "pretrained_checkpoint.restore_from_path=m", "exp_manager.max_time_per_run=soon"])
     with pytest.raises(ConfigError, match="exp_manager.max_time_per_run"):
         validate(cfg)
+
+
+def test_devices_must_match_the_launched_processes():
+    cfg = load_config(["model.data.train_ds.file_path=a", "model.data.validation_ds.file_path=b",
+                       "pretrained_checkpoint.restore_from_path=m", "trainer.devices=8"])
+    with pytest.raises(ConfigError, match="trainer.devices"):
+        validate(cfg)
+    validate(cfg, world_size=8)
+    cfg.trainer.devices = None
+    validate(cfg)

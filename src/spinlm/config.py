@@ -248,5 +248,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(sp.temperature > 0, "model.spin.sampling_params.temperature", "must be > 0")
     need(0 < sp.top_p <= 1, "model.spin.sampling_params.top_p", "must be in (0, 1]")
     need(sp.top_k >= 0, "model.spin.sampling_params.top_k", "must be >= 0")
+    devices = cfg.trainer.devices
+    if isinstance(devices, int):
+        launched = f"{world_size} process{'es' if world_size > 1 else ''}"
+        need(devices * cfg.trainer.num_nodes == world_size, "trainer.devices",
+             f"x trainer.num_nodes ({devices} x {cfg.trainer.num_nodes}) must equal the processes launched "
+             f"({launched}); start more with torchrun, or set trainer.devices=null")
     parse_max_time(cfg.trainer.max_time)
     parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")

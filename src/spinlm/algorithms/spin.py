@@ -130,43 +130,38 @@ class SPINTrainer:
 
     # ----- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
+        """Iterations x epochs x batches; at each iteration end the reference becomes the policy."""
         self.run_timer.start()
-        if self.step >= self.max_steps:
-            log.info("nothing to do: step %d >= max_steps %d", self.step, self.max_steps)
-            self._finish()
-            return
         bar = tqdm(total=self.max_steps, initial=self.step, desc="Training steps", dynamic_ncols=True)
-        for _ in range(self.iteration, self.cfg.max_iterations):
-            self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, self.iteration)
-            for _ in range(self.epoch, self.cfg.max_epochs):
-                for batch in self.augment_dataloader(self.iteration, self.epoch):
-                    metrics = self.train_single_step(batch)
-                    self.step += 1
-                    self.consumed_samples += self.global_batch_size
-                    end_of_iteration = self.step % self.steps_per_iteration == 0
-                    if end_of_iteration:
-                        # before any save at this boundary, so a resume trains against the new opponent
-                        self.reference.refresh_from(self.policy)
-                    is_last = self.step >= self.max_steps
-                    time_up = self.run_timer.is_finished()
-                    self._log_step(metrics, batch)
-                    bar.update(1)
-                    bar.set_postfix(iteration=metrics["iteration"], epoch=metrics["epoch"], loss=f"{metrics['loss']:.4f}")
-                    if self.step % self.val_check_interval == 0 or is_last or time_up:
-                        self.run_validation()
-                        self._log_samples(batch)
-                    if self.step % self.cfg.save_interval == 0 or is_last or time_up:
-                        self.save()
-                    if time_up and not is_last:
-                        log.info("trainer.max_time reached at step %d; saved, stopping", self.step)
-                        bar.close()
-                        return
-                    if is_last:
-                        bar.close()
-                        self._finish()
-                        return
+        out_of_time = False
+        while self.step < self.max_steps and not out_of_time:
+            iteration, epoch = self.iteration, self.epoch
+            self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, iteration)
+            for batch in self.augment_dataloader(iteration, epoch):
+                metrics = self.train_single_step(batch)
+                self.step += 1
+                self.consumed_samples += self.global_batch_size
+                if self.step % self.steps_per_iteration == 0:
+                    # before any save at this boundary, so a resume trains against the new opponent
+                    self.reference.refresh_from(self.policy)
+                self._log_step(metrics, batch)
+                bar.update(1)
+                bar.set_postfix(iteration=iteration, epoch=epoch, loss=f"{metrics['loss']:.4f}")
+
+                is_last = self.step >= self.max_steps
+                out_of_time = self.run_timer.is_finished() and not is_last
+                if self.step % self.val_check_interval == 0 or is_last or out_of_time:
+                    self.run_validation()
+                    self._log_samples(batch)
+                if self.step % self.cfg.save_interval == 0 or is_last or out_of_time:
+                    self.save()
+                if is_last or out_of_time:
+                    break
         bar.close()
-        self._finish()
+        if out_of_time:
+            log.info("max_time reached at step %d: saved; run the same command again to resume", self.step)
+        else:
+            self._finish()
 
     # ----- data: pair each ground-truth answer with the reference's answer --------------
     def augment_dataloader(self, iteration: int, epoch: int) -> Iterator[dict[str, Tensor]]:
@@ -312,7 +307,7 @@ class SPINTrainer:
             "beta": self.beta,
         }
         metrics["step_time"] = time.perf_counter() - t0
-        metrics["epoch"], metrics["iteration"] = self.epoch, self.iteration  # of the step just trained
+        metrics["epoch"], metrics["iteration"] = self.epoch, self.iteration  # of the step being trained
         return metrics
 
     # ----- validation ---------------------------------------------------------------------
@@ -413,7 +408,7 @@ class SPINTrainer:
         log.info("resumed from %s at step %d (iteration %d, epoch %d)", path, self.step, self.iteration, self.epoch)
 
     def _finish(self) -> None:
-        if self.save_hf_on_end and self.step >= self.max_steps:
+        if self.save_hf_on_end:
             from spinlm.model.loading import export_hf
 
             out = export_hf(self.policy, self.tokenizer, self.logger.run_dir / "final")
