@@ -75,6 +75,7 @@ def build_optimizer(cfg: DictConfig, policy: torch.nn.Module, max_steps: int):
 
 
 def _check_files(cfg: DictConfig) -> None:
+    """A missing data file should fail in a second, not after the model has loaded."""
     for key in ("train_ds", "validation_ds"):
         path = Path(cfg.model.data[key].file_path)
         if not path.is_file():

@@ -234,3 +234,19 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(target, "a: 2\nb: é\n")
     assert target.read_text(encoding="utf-8") == "a: 2\nb: é\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temp file left
+
+
+def test_resume_hashes_each_file_once(tmp_path, monkeypatch):
+    """latest() verifies the manifest; the load() that follows must not read every byte again."""
+    from spinlm.utils import checkpoint as ckpt_module
+
+    ckpt = Checkpointer(tmp_path / "ckpts")
+    model = nn.Linear(4, 4)
+    ckpt.save(1, {"policy": model}, {"opt": {"a": 1}}, {"step": 1})
+    hashed = []
+    real = ckpt_module._sha256
+    monkeypatch.setattr(ckpt_module, "_sha256", lambda p: (hashed.append(p.name), real(p))[1])
+    path = ckpt.latest()
+    ckpt.load(path, {"policy": nn.Linear(4, 4)})
+    assert sorted(hashed) == sorted(set(hashed))
+    assert len(hashed) == len(list(path.iterdir())) - 1  # every file but the manifest, once

@@ -23,6 +23,7 @@ from spinlm.data.collate import pad_right, spin_custom_collate
 from spinlm.errors import SpinlmError
 from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model.generation import SamplingParams, generate
+from spinlm.model.loading import export_hf
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.reference import ReferencePolicy
 from spinlm.utils.checkpoint import Checkpointer
@@ -408,8 +409,6 @@ class SPINTrainer:
 
     def _finish(self) -> None:
         if self.save_hf_on_end:
-            from spinlm.model.loading import export_hf
-
             out = export_hf(self.policy, self.tokenizer, self.logger.run_dir / "final")
             log.info("final policy exported to %s (Hugging Face format)", out)
 

@@ -154,11 +154,12 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    stop_set = set(stop_ids)
     with _seeded(generator_seed, model), _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
         for batch in tqdm(batches, desc="Generating", disable=not show_progress):
             new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
             for i, row in zip(batch, new_tokens):
-                answers[i] = _cut_at_stop(row, set(stop_ids), stop_strings, tokenizer)
+                answers[i] = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
     return Generations(ids=[a[0] for a in answers], truncated=[a[1] for a in answers])
 
 

@@ -63,6 +63,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.monitor = monitor
         self.mode = mode
+        self._just_verified: Path | None = None  # latest()'s answer: load() need not hash it again
 
     def save(self, step: int, modules: dict[str, nn.Module], states: dict[str, Any], meta: dict) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -108,13 +109,15 @@ class Checkpointer:
         """The newest checkpoint whose manifest verifies; broken ones are reported and skipped."""
         for path in reversed(self._step_dirs()):
             if self.is_valid(path):
+                self._just_verified = path
                 return path
             log.warning("checkpoint %s is incomplete or corrupt; trying the previous one", path)
         return None
 
     def load(self, path: Path, modules: dict[str, nn.Module]) -> tuple[dict[str, Any], dict]:
         """Load weights into `modules`; return (other states, trainer meta)."""
-        if not self.is_valid(path):
+        verified, self._just_verified = path == self._just_verified, None
+        if not verified and not self.is_valid(path):
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (manifest does not match)")
         for name, module in modules.items():
             load_model(module, str(path / f"{name}.safetensors"))
