@@ -5,7 +5,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from spinlm.model.generation import SamplingParams, build_generation_config, generate, stop_token_ids
+from spinlm.model.generation import (
+    SamplingParams,
+    build_generation_config,
+    generate,
+    plan_batches,
+    stop_token_ids,
+)
 from spinlm.model.tiny import build_tiny_model
 
 TEXTS = ["Hello!", "What is 12 + 7? The answer", "def f(x):", "The quick brown fox jumps over", "user"]
@@ -98,6 +104,14 @@ def test_seeded_sampling_is_reproducible(model, tokenizer, prompts):
     b = generate(model, tokenizer, prompts, params, batch_size=2, generator_seed=7)
     c = generate(model, tokenizer, prompts, params, batch_size=2, generator_seed=8)
     assert a == b and a.ids != c.ids
+
+
+def test_plan_batches_groups_by_length_and_covers_every_prompt():
+    prompts = [[1] * n for n in (5, 1, 3, 4, 2)]
+    plan = plan_batches(prompts, 2)
+    assert plan == [[1, 4], [2, 3], [0]]
+    with pytest.raises(ValueError):
+        plan_batches(prompts, 0)
 
 
 def test_seeded_generation_leaves_the_global_rng_alone(model, tokenizer, prompts):

@@ -129,6 +129,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def plan_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped into generation batches of similar length (less padding).
+
+    The plan depends only on the prompts and the batch size, and each batch is sampled from its
+    own seed, so a batch's answers do not depend on which process generates it or in what order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def batch_seed(generator_seed: int | None, batch_index: int) -> int | None:
+    """The seed of one planned batch: distinct per batch, reproducible from the run's seed."""
+    return None if generator_seed is None else generator_seed * 1_000_003 + batch_index
+
+
 def generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -138,11 +155,11 @@ def generate(
     generator_seed: int | None = None,
     show_progress: bool = False,
 ) -> Generations:
-    """Sample one answer per prompt, in batches of prompts of similar length (less padding).
+    """Sample one answer per prompt, batch by batch as `plan_batches` groups them.
 
-    ``generator_seed`` seeds a private RNG stream (the global RNG state is left as it was), so the
-    same prompts, weights and seed regenerate identical answers: the trainer seeds per iteration
-    so a resumed run regenerates what the interrupted one did.
+    ``generator_seed`` seeds a private RNG stream per batch (the global RNG state is left as it
+    was), so the same prompts, weights and seed regenerate identical answers: the trainer seeds
+    per iteration so a resumed run regenerates what the interrupted one did.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -151,13 +168,13 @@ def generate(
     stop_strings = _multi_token_end_strings(tokenizer, params.end_strings)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     config = build_generation_config(params, stop_ids, pad_id, stop_strings)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = plan_batches(prompts, batch_size)
     answers: list[tuple[list[int], bool] | None] = [None] * len(prompts)
     stop_set = set(stop_ids)
-    with _seeded(generator_seed, model), _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
-        for batch in tqdm(batches, desc="Generating", disable=not show_progress):
-            new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
+    with _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
+        for b, batch in enumerate(tqdm(batches, desc="Generating", disable=not show_progress)):
+            with _seeded(batch_seed(generator_seed, b), model):
+                new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
             for i, row in zip(batch, new_tokens):
                 answers[i] = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
     return Generations(ids=[a[0] for a in answers], truncated=[a[1] for a in answers])
