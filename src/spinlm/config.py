@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -57,6 +58,7 @@ def load_config(
     packaged defaults.
     """
     register_resolvers()
+    _refuse_repeated_overrides(overrides)
     defaults = _compose(None, CONFIG_NAME, ())
     if not config_path:
         cfg = _compose(None, CONFIG_NAME, overrides)
@@ -70,6 +72,16 @@ def load_config(
         cfg = _compose(merged_dir, CONFIG_NAME, overrides)
     check_against_defaults(cfg, defaults)
     return cfg
+
+
+def _refuse_repeated_overrides(overrides: Sequence[str]) -> None:
+    """`a=1 ... a=2` would silently keep the last value; a repeated key is more likely a mistake."""
+    seen: set[str] = set()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in seen:
+            raise ConfigError(f"config: key '{key}' is given twice on the command line")
+        seen.add(key)
 
 
 def _compose(config_path: str | None, config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -87,6 +99,10 @@ def _compose(config_path: str | None, config_name: str, overrides: Sequence[str]
             return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_first_line(e)) from e
+    except yaml.MarkedYAMLError as e:  # e.g. a key given twice in a user's YAML
+        mark = e.problem_mark
+        where = f"{mark.name}:{mark.line + 1}" if mark is not None else f"{config_path}/{config_name}.yaml"
+        raise ConfigError(f"config: {where}: {e.problem}") from e
     finally:
         GlobalHydra.instance().clear()
 
@@ -233,13 +249,17 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(optim.sched.min_lr >= 0, "model.optim.sched.min_lr", "must be >= 0")
     need(model.spin.loss_type in LOSS_TYPES, "model.spin.loss_type", f"must be one of {LOSS_TYPES}")
     need(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
-    need(model.data.length_policy in ("truncate", "drop"), "model.data.length_policy", "must be truncate or drop")
+    need(model.data.length_policy in ("truncate", "drop", "error"), "model.data.length_policy",
+         f"must be truncate, drop or error, got {model.data.length_policy!r}")
     need(bool(model.data.train_ds.drop_last), "model.data.train_ds.drop_last", "must be true (as in NeMo)")
     need(not cfg.exp_manager.create_wandb_logger, "exp_manager.create_wandb_logger", "is not supported")
     need(cfg.exp_manager.checkpoint_callback_params.mode in ("min", "max"),
          "exp_manager.checkpoint_callback_params.mode", "must be min or max")
+    top_k = cfg.exp_manager.checkpoint_callback_params.save_top_k
+    need(top_k >= -1, "exp_manager.checkpoint_callback_params.save_top_k", f"must be >= -1 (-1 keeps all), got {top_k}")
     beta = model.spin.ref_policy_kl_penalty
     if isinstance(beta, ListConfig):
+        need(len(beta) > 0, "model.spin.ref_policy_kl_penalty", "is an empty list: give a number or one per iteration")
         need(all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in beta),
              "model.spin.ref_policy_kl_penalty", f"must be a number or a list of numbers, got {list(beta)}")
         need(len(beta) >= spin.max_iterations, "model.spin.ref_policy_kl_penalty",

@@ -13,12 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from spinlm.algorithms.rollouts import RolloutStore
 from spinlm.algorithms.spin import SPINTrainer, count_steps
-from spinlm.config import parse_max_time, validate
-from spinlm.data.dataset import build_dataset, subsample
-from spinlm.data.render import ChatRenderer
-from spinlm.errors import ConfigError, DataError
-from spinlm.model.loading import context_length, load_pretrained
+from spinlm.config import parse_max_time
+from spinlm.errors import ConfigError
+from spinlm.model.loading import load_model
 from spinlm.model.reference import ReferencePolicy
+from spinlm.preflight import prepare
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
 from spinlm.utils.logger import RunLogger, RunTimer
 
@@ -74,47 +73,14 @@ def build_optimizer(cfg: DictConfig, policy: torch.nn.Module, max_steps: int):
     return optimizer, scheduler
 
 
-def _check_files(cfg: DictConfig) -> None:
-    """A missing data file should fail in a second, not after the model has loaded."""
-    for key in ("train_ds", "validation_ds"):
-        path = Path(cfg.model.data[key].file_path)
-        if not path.is_file():
-            raise DataError(f"{path}:0: file not found (model.data.{key}.file_path)")
-
-
 def build_trainer(cfg: DictConfig) -> SPINTrainer:
     """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked."""
-    validate(cfg)
-    _check_files(cfg)
-    seed_everything(cfg.model.seed)
     device = pick_device(cfg.trainer.accelerator)
-
-    policy, tokenizer = load_pretrained(cfg.pretrained_checkpoint.restore_from_path)
-    if cfg.model.encoder_seq_length is None:
-        cfg.model.encoder_seq_length = context_length(policy)
-    OmegaConf.resolve(cfg)
+    prep = prepare(cfg)  # config, paths and data checked before the weights load
+    seed_everything(cfg.model.seed)
+    policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer)
     policy.to(device)
     reference = ReferencePolicy(policy)
-
-    renderer = ChatRenderer(tokenizer, cfg.model.data.chat_prompt_tokens)
-    max_new = cfg.model.spin.length_params.max_length
-    datasets = {}
-    for key in ("train_ds", "validation_ds"):
-        ds_cfg = cfg.model.data[key]
-        if max_new >= ds_cfg.max_seq_length:
-            raise ConfigError(
-                f"config: model.spin.length_params.max_length ({max_new}) must be below "
-                f"model.data.{key}.max_seq_length ({ds_cfg.max_seq_length}) to leave room for the prompt"
-            )
-        datasets[key] = build_dataset(
-            ds_cfg.file_path, renderer, ds_cfg.max_seq_length, ds_cfg.max_seq_length - max_new,
-            policy=cfg.model.data.length_policy,
-        )
-    train = datasets["train_ds"]
-    if cfg.model.data.sample:
-        if cfg.trainer.spin.max_steps is None or cfg.trainer.spin.max_steps <= 0:
-            raise ConfigError("config: model.data.sample=true needs trainer.spin.max_steps > 0")
-        train = subsample(train, cfg.trainer.spin.max_steps * cfg.model.global_batch_size, cfg.model.seed)
 
     run_dir = Path(cfg.exp_manager.explicit_log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,12 +88,13 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     ckpt = cfg.exp_manager.checkpoint_callback_params
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
     logger = RunLogger(run_dir)
-    _, _, max_steps = count_steps(len(train), cfg.trainer.spin, cfg.model.global_batch_size)
+    _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
     trainer = SPINTrainer(
-        cfg, policy, reference, tokenizer, optimizer, scheduler, train, datasets["validation_ds"],
+        cfg, policy, reference, prep.tokenizer, optimizer, scheduler, prep.train, prep.val,
         logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts"),
-        run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")), end_strings=renderer.end_strings,
+        run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")),
+        end_strings=prep.renderer.end_strings,
     )
 
     latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists else None
@@ -135,6 +102,8 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         trainer.restore(latest)
     elif cfg.exp_manager.resume_if_exists and not cfg.exp_manager.resume_ignore_no_checkpoint:
         raise ConfigError(f"config: exp_manager.resume_if_exists: no checkpoint in {checkpointer.directory}")
+    else:
+        logger.rewind(0)  # rows of an earlier attempt that died before its first checkpoint
     return trainer
 
 

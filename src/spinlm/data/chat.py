@@ -13,12 +13,14 @@ Hugging Face (what `tokenizer.apply_chat_template` takes)::
      {"role": "assistant", "content": "..."}]}
 
 Reading is strict: the first bad record stops it with a `DataError` that names the file and
-line, because a silently skipped record changes what SPIN trains on.
+line, because a silently skipped record changes what SPIN trains on. Dropping bad records
+instead is an explicit option (`skip_bad`) that logs the count.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 from spinlm.errors import DataError
 
 ROLES = ("user", "assistant")
+log = logging.getLogger(__name__)
 NEMO, HF = "NeMo ('conversations')", "Hugging Face ('messages')"
 
 
@@ -51,10 +54,18 @@ class _RecordError(Exception):
     """A problem with one record; `read_chat_jsonl` adds the path and line."""
 
 
-def read_chat_jsonl(path: str | Path) -> list[Conversation]:
-    """All conversations of a chat JSONL file, in file order; blank lines are skipped."""
+def read_chat_jsonl(path: str | Path, skip_bad: bool = False) -> list[Conversation]:
+    """All conversations of a chat JSONL file, in file order; blank lines are skipped.
+
+    `skip_bad` (model.data.skip_bad_records) drops unusable records instead of stopping at the
+    first one, and logs how many were dropped and why the first was; a file-level problem (not
+    UTF-8 on a line, mixed formats, nothing usable left) is still an error.
+    """
     path = Path(path)
     conversations: list[Conversation] = []
+    skipped: list[str] = []
+    seen: dict[str, int] = {}  # record text -> first line, to report repeats
+    repeats: list[tuple[int, int]] = []
     file_format: tuple[str, int] | None = None  # (format, line it was first seen on)
     for lineno, raw in _read_lines(path):
         where = f"{path}:{lineno}"
@@ -67,7 +78,10 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
         try:
             record_format, conv = _parse_record(text, source=where)
         except _RecordError as err:
-            raise DataError(f"{where}: {err}") from None
+            if not skip_bad:
+                raise DataError(f"{where}: {err} (model.data.skip_bad_records=true drops such records)") from None
+            skipped.append(f"{where}: {err}")
+            continue
         if file_format is None:
             file_format = (record_format, lineno)
         elif record_format != file_format[0]:
@@ -75,8 +89,20 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
                 f"{where}: record uses the {record_format} format but line {file_format[1]} "
                 f"uses the {file_format[0]} format; a file must use one format throughout"
             )
+        key = text.strip()
+        if key in seen:
+            repeats.append((lineno, seen[key]))
+        seen.setdefault(key, lineno)
         conversations.append(conv)
+    if skipped:
+        log.warning("%s: skipped %d bad record(s) (model.data.skip_bad_records=true); first: %s",
+                    path, len(skipped), skipped[0])
+    if repeats:
+        log.warning("%s: %d record(s) repeat an earlier one (line %d repeats line %d); they are trained on as often "
+                    "as they appear", path, len(repeats), *repeats[0])
     if not conversations:
+        if skipped:
+            raise DataError(f"{path}:1: file has no usable records (all {len(skipped)} are bad; first: {skipped[0]})")
         raise DataError(f"{path}:1: file has no records (empty or only blank lines)")
     return conversations
 
@@ -97,7 +123,7 @@ def _read_lines(path: Path) -> list[tuple[int, bytes]]:
 def _parse_record(text: str, source: str = "") -> tuple[str, Conversation]:
     """(format name, conversation) of one JSONL line; raises `_RecordError` on bad input."""
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise _RecordError(f"not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
@@ -115,6 +141,16 @@ def _parse_record(text: str, source: str = "") -> tuple[str, Conversation]:
         raise _RecordError("record has neither 'conversations' (NeMo) nor 'messages' (Hugging Face)")
     _check_order(turns)
     return record_format, Conversation(turns=tuple(turns), system=system, source=source)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads hook: a key given twice in one object is an error (JSON would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RecordError(f"key {key!r} appears twice in one JSON object")
+        out[key] = value
+    return out
 
 
 def _parse_nemo(record: dict[str, Any]) -> tuple[str | None, list[Turn]]:

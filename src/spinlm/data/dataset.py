@@ -13,6 +13,8 @@ Length policy (`data.length_policy`):
   then an answer longer than `max_seq_length - len(prompt)` is cut to fit and so loses its
   end-of-turn marker. Counted as prompts cut / answers cut.
 - "drop": any sample that would need either cut is dropped, counted.
+- "error": any sample that would need either cut stops the run with a `DataError` naming
+  its file and line, the lengths and the keys to change.
 - Under both, a sample of which no answer token fits is dropped, counted.
 
 The counts are logged at INFO as one line (`LengthReport.summary()`); if no sample
@@ -31,7 +33,7 @@ from spinlm.data.chat import read_chat_jsonl
 from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
 
-LENGTH_POLICIES = ("truncate", "drop")
+LENGTH_POLICIES = ("truncate", "drop", "error")
 log = logging.getLogger(__name__)
 
 
@@ -116,17 +118,24 @@ def build_dataset(
     max_prompt_length: int,
     policy: str = "truncate",
     limit: int | None = None,
+    skip_bad: bool = False,
 ) -> SPINDataset:
-    """Read, render and length-fit a chat JSONL file (the first `limit` conversations)."""
+    """Read, render and length-fit a chat JSONL file (the first `limit` conversations).
+
+    `skip_bad` drops unusable records (counted, logged) instead of stopping at the first one."""
     check_lengths(max_seq_length, max_prompt_length, policy)
-    conversations = read_chat_jsonl(path)[:limit]
+    conversations = read_chat_jsonl(path, skip_bad=skip_bad)[:limit]
     report = LengthReport(
         source=str(path), policy=policy, max_seq_length=max_seq_length, max_prompt_length=max_prompt_length
     )
     samples = []
     for conv in conversations:
         report.total += 1
-        fitted = fit_to_length(*renderer.render(conv), max_seq_length, max_prompt_length, policy)
+        prompt_ids, answer_ids = renderer.render(conv)
+        if policy == "error":
+            _refuse_too_long(conv.source or str(path), len(prompt_ids), len(answer_ids), max_seq_length,
+                             max_prompt_length)
+        fitted = fit_to_length(prompt_ids, answer_ids, max_seq_length, max_prompt_length, policy)
         if fitted is None:
             report.dropped += 1
             continue
@@ -139,6 +148,19 @@ def build_dataset(
     if not samples:
         raise DataError(f"{path}:0: no sample survives the length policy ({report.summary()})")
     return SPINDataset(samples, report)
+
+
+def _refuse_too_long(where: str, prompt: int, answer: int, max_seq_length: int, max_prompt_length: int) -> None:
+    """length_policy=error: a sample that does not fit is a DataError naming it and the numbers."""
+    if prompt > max_prompt_length:
+        problem = (f"prompt is {prompt} tokens, longer than max_prompt_length {max_prompt_length} "
+                   f"(max_seq_length {max_seq_length} minus model.spin.length_params.max_length)")
+    elif prompt + answer > max_seq_length:
+        problem = f"sample is {prompt + answer} tokens (prompt {prompt} + answer {answer}), longer than max_seq_length {max_seq_length}"
+    else:
+        return
+    raise DataError(f"{where}: {problem}; model.data.length_policy=error (set it to truncate or drop, or raise "
+                    "model.data.*.max_seq_length)")
 
 
 def subsample(dataset: SPINDataset, num_samples: int, seed: int) -> SPINDataset:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from spinlm.errors import ConfigError
 
@@ -27,16 +34,40 @@ def load_pretrained(
     path: str | Path, torch_dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer; a missing pad token becomes eos (we right-pad with eos)."""
-    path = Path(path)
-    source, kwargs = _from_pretrained_args(path)
+    tokenizer = load_tokenizer(path)
+    return load_model(path, tokenizer, torch_dtype), tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (cheap): data can be checked before the weights load."""
+    source, kwargs = _from_pretrained_args(Path(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{CONFIG_KEY}: cannot load a tokenizer from {path}: {e}") from e
+
+
+def load_model_config(path: str | Path) -> PretrainedConfig:
+    """The model's config alone (cheap): its context length is known before the weights load."""
+    source, kwargs = _from_pretrained_args(Path(path))
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{CONFIG_KEY}: cannot read a model config from {path}: {e}") from e
+
+
+def load_model(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """The weights; gives `tokenizer` a pad token (eos) if it has none and makes the model agree."""
+    source, kwargs = _from_pretrained_args(Path(path))
+    try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{CONFIG_KEY}: cannot load a causal LM from {path}: {e}") from e
     _drop_gguf_quantizer(model)
     _ensure_pad_token(model, tokenizer)
-    return model, tokenizer
+    return model
 
 
 def _from_pretrained_args(path: Path) -> tuple[str, dict]:
@@ -102,9 +133,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def context_length(model: nn.Module) -> int:
+def context_length(model_or_config: nn.Module | PretrainedConfig) -> int:
     """The longest sequence the model's position embeddings support, read from its config."""
-    config = unwrap(model).config
+    config = model_or_config
+    if isinstance(model_or_config, nn.Module):
+        config = unwrap(model_or_config).config
     for key in _CONTEXT_LENGTH_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

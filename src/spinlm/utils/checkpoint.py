@@ -99,7 +99,7 @@ class Checkpointer:
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
-    def _step_dirs(self) -> list[Path]:
+    def step_dirs(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
         dirs = [p for p in self.directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
@@ -107,7 +107,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest checkpoint whose manifest verifies; broken ones are reported and skipped."""
-        for path in reversed(self._step_dirs()):
+        for path in reversed(self.step_dirs()):
             if self.is_valid(path):
                 self._just_verified = path
                 return path
@@ -138,7 +138,7 @@ class Checkpointer:
         return value if math.isfinite(value) else None  # a NaN/inf metric (diverged run) is never "best"
 
     def _prune(self) -> None:
-        dirs = self._step_dirs()
+        dirs = self.step_dirs()
         keep = set(dirs[-self.keep_last:]) if self.keep_last > 0 else set(dirs[-1:])
         scored = [(m, p) for p in dirs if (m := self._metric(p)) is not None]
         if scored:
