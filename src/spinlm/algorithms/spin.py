@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spinlm.algorithms.rollouts import Rollout, RolloutStore
+from spinlm.algorithms.scoring import batch_pairs, pair_logprobs, reference_pair_logprobs
 from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
-from spinlm.data.collate import pad_right, spin_custom_collate
+from spinlm.data.collate import spin_custom_collate
 from spinlm.errors import SpinlmError
 from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model.generation import SamplingParams, generate
@@ -227,18 +228,12 @@ class SPINTrainer:
         return rollouts
 
     def _reference_logprobs(self, indices: list[int], generated: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """Reference log p(actual) and log p(generated) for a set, in fixed batches (deterministic)."""
-        mbs = self.model_cfg.spin.log_prob_forward_micro_batch_size
-        act, gen = [], []
-        for s in range(0, len(indices), mbs):
-            chunk = indices[s:s + mbs]
-            items = [self.train_dataset[i] for i in chunk]
-            gen_items = [{"prompt_ids": it["prompt_ids"], "answer_ids": g} for it, g in zip(items, generated[s:s + mbs])]
-            for out, batch_items in ((act, items), (gen, gen_items)):
-                b = spin_custom_collate(batch_items, self.eos_id)
-                with self._autocast():
-                    out.append(self.reference.logprobs(b["prompts_and_answers"].to(self.device), b["masks"].to(self.device)))
-        return torch.cat(act).float().cpu(), torch.cat(gen).float().cpu()
+        """Reference log p(actual) and log p(generated) for a set, in length-sorted micro batches of pairs."""
+        items = [self.train_dataset[i] for i in indices]
+        return reference_pair_logprobs(
+            self.reference.module, [it["prompt_ids"] for it in items], [it["answer_ids"] for it in items],
+            generated, self.eos_id, self.model_cfg.spin.log_prob_forward_micro_batch_size, self._autocast,
+        )
 
     def _pair_batch(self, indices: list[int], rollouts: dict[int, Rollout]) -> dict[str, Tensor]:
         items = [self.train_dataset[i] for i in indices]
@@ -268,18 +263,13 @@ class SPINTrainer:
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         n = batch["actual"].shape[0]
-        losses, rew_act, rew_gen = [], [], []
+        losses, rew_act, rew_gen, pol_act, pol_gen = [], [], [], [], []
         for s in range(0, n, self.micro_batch_size):
             rows = slice(s, s + self.micro_batch_size)
-            m = batch["actual"][rows].shape[0]
-            tokens, masks = _stack_pairs(
-                batch["actual"][rows], batch["actual_mask"][rows],
-                batch["generated"][rows], batch["generated_mask"][rows], self.eos_id,
-            )
             with self._autocast():
-                logps = masked_sum_logprobs(self.policy, tokens.to(self.device), masks.to(self.device)).float()
+                logps_act, logps_gen = pair_logprobs(self.policy, *batch_pairs(batch, rows), self.eos_id)
             out = spin_loss(
-                logps[:m], logps[m:],
+                logps_act, logps_gen,
                 batch["ref_policy_log_probs_actual"][rows].to(self.device),
                 batch["ref_policy_log_probs_generated"][rows].to(self.device),
                 self.beta, self.model_cfg.spin.loss_type,
@@ -291,6 +281,8 @@ class SPINTrainer:
             losses.append(out.losses.detach())
             rew_act.append(out.rewards_actual)
             rew_gen.append(out.rewards_generated)
+            pol_act.append(logps_act.detach())
+            pol_gen.append(logps_gen.detach())
         clip = self.cfg.gradient_clip_val
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -302,6 +294,8 @@ class SPINTrainer:
         metrics = {
             "loss": torch.cat(losses).mean().item(),
             **reward_metrics(torch.cat(rew_act).cpu(), torch.cat(rew_gen).cpu()),
+            "logps_actual_mean": torch.cat(pol_act).mean().item(),  # policy sum log p, as TRL's logps/chosen
+            "logps_generated_mean": torch.cat(pol_gen).mean().item(),
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "beta": self.beta,
@@ -419,17 +413,3 @@ class SPINTrainer:
             return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
-
-def _stack_pairs(actual: Tensor, actual_mask: Tensor, generated: Tensor, generated_mask: Tensor, pad: int):
-    """One (2m, L) batch of actual rows then generated rows, trimmed to the longest real row."""
-    length = int(max(_last_true(actual_mask), _last_true(generated_mask))) + 1
-    tokens = pad_right([*actual[:, :length], *generated[:, :length]], pad)
-    masks = torch.zeros_like(tokens, dtype=torch.bool)
-    masks[: actual.shape[0], : min(length, actual_mask.shape[1])] = actual_mask[:, :length]
-    masks[actual.shape[0]:, : min(length, generated_mask.shape[1])] = generated_mask[:, :length]
-    return tokens, masks
-
-
-def _last_true(mask: Tensor) -> int:
-    cols = mask.any(dim=0).nonzero()
-    return int(cols.max()) if cols.numel() else 0

@@ -1,0 +1,82 @@
+"""Log-probs of SPIN pairs (ground-truth and generated answer to one prompt), policy and reference.
+
+Packed rows (`spinlm.model.packed`: prompt once, answer-only logits) when the model supports
+them, else two right-padded rows per pair (the general path). Both give the same sums up to
+float rounding (tests/model/test_packed.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from spinlm.data.collate import pad_right
+from spinlm.model.logprobs import masked_sum_logprobs
+from spinlm.model.packed import pack_pairs, packed_pair_logprobs, supports_packed_pairs
+
+Ids = Sequence[int]
+
+
+def pair_logprobs(
+    model: nn.Module, prompts: Sequence[Ids], actual: Sequence[Ids], generated: Sequence[Ids], pad_id: int,
+    packed: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """((B,), (B,)) float32 sums of log p(actual | prompt) and log p(generated | prompt); keeps the graph.
+
+    ``packed=None`` picks packed rows when the model supports them.
+    """
+    if packed is None:
+        packed = supports_packed_pairs(model)
+    if packed:
+        return packed_pair_logprobs(model, pack_pairs(prompts, actual, generated, pad_id))
+    device = next(model.parameters()).device
+    rows = [[*p, *a] for p, a in zip(prompts, actual)] + [[*p, *g] for p, g in zip(prompts, generated)]
+    starts = [len(p) for p in prompts] * 2
+    ends = [len(r) for r in rows]
+    tokens = pad_right(rows, pad_id)
+    cols = torch.arange(tokens.shape[1])
+    masks = (cols >= torch.tensor(starts)[:, None]) & (cols < torch.tensor(ends)[:, None])
+    logps = masked_sum_logprobs(model, tokens.to(device), masks.to(device)).float()
+    return logps[: len(prompts)], logps[len(prompts):]
+
+
+@torch.no_grad()
+def reference_pair_logprobs(
+    model: nn.Module, prompts: Sequence[Ids], actual: Sequence[Ids], generated: Sequence[Ids], pad_id: int,
+    micro_batch_size: int, autocast=None,
+) -> tuple[Tensor, Tensor]:
+    """Reference sums for a whole generated set, in micro batches of pairs of similar length (less padding).
+
+    The micro batches are a function of the lengths only, so the result is deterministic.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    n = len(prompts)
+    order = sorted(range(n), key=lambda i: (len(prompts[i]) + len(actual[i]) + len(generated[i]), i))
+    act, gen = torch.zeros(n), torch.zeros(n)
+    for s in range(0, n, micro_batch_size):
+        idx = order[s:s + micro_batch_size]
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            a, g = pair_logprobs(
+                model, [prompts[i] for i in idx], [actual[i] for i in idx], [generated[i] for i in idx], pad_id
+            )
+        act[idx], gen[idx] = a.float().cpu(), g.float().cpu()
+    return act, gen
+
+
+def batch_pairs(batch: dict[str, Tensor], rows: slice) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(prompts, actual answers, generated answers) as id lists for the given rows of a training batch."""
+    prompts, actual, generated = [], [], []
+    prompt_lengths = batch["prompt_lengths"][rows].tolist()
+    act_lengths = batch["actual_mask"][rows].sum(dim=1).tolist()
+    gen_lengths = batch["generated_lengths"][rows].tolist()
+    for k, (p, a, g) in enumerate(zip(prompt_lengths, act_lengths, gen_lengths)):
+        row = rows.start + k
+        prompts.append(batch["actual"][row, :p].tolist())
+        actual.append(batch["actual"][row, p:p + a].tolist())
+        generated.append(batch["generated"][row, p:p + g].tolist())
+    return prompts, actual, generated
+
