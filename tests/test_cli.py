@@ -71,3 +71,21 @@ def test_missing_data_file_names_the_file(tmp_path, tiny_model_dir):
     )
     assert result.returncode == 2
     assert "nope.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_make_task_then_evaluate(tmp_path, tiny_model_dir):
+    made = spinlm("make-task", str(tmp_path / "task"), "--train", "10", "--validation", "3", "--test", "5",
+                  cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert len((tmp_path / "task" / "test.jsonl").read_text().splitlines()) == 5
+    result = spinlm("evaluate", str(tiny_model_dir), str(tmp_path / "task" / "test.jsonl"), "--limit", "4",
+                    "--max-new-tokens", "6", "--out", str(tmp_path / "answers.jsonl"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out accuracy" in result.stdout and "SFT loss" in result.stdout
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 4
+
+
+def test_prepare_model_names_a_missing_gguf(tmp_path, tiny_model_dir):
+    result = spinlm("prepare-model", "--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "m"),
+                    cwd=tmp_path)
+    assert result.returncode == 2 and "missing.gguf" in result.stderr

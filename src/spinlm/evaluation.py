@@ -1,0 +1,211 @@
+"""Held-out evaluation: exact-match accuracy of greedy answers and the SFT loss of the ground truth.
+
+`spinlm evaluate MODEL FILE` and the trainer (before training and after each SPIN iteration,
+when `model.data.test_ds.file_path` is set) both call `evaluate`:
+
+- accuracy: each prompt (the conversation up to its final assistant turn) is answered by
+  greedy decoding of at most `max_new_tokens` tokens, in batches; the reply is correct when
+  `spinlm.data.answers.extract_answer` gives the same answer for it as for the ground truth;
+- SFT loss: the token-mean negative log-likelihood of the ground-truth answers (with their
+  end-of-turn token), the same quantity as the trainer's `val/loss`;
+- answer style: the fraction of replies that state "answer is" (the ground truth's style).
+
+MODEL may be a Hugging Face model directory (the start model, or a run's `final/` export), a
+`.gguf` file, a checkpoint directory `RUN/checkpoints/step_N` (the run's `config.yaml` names
+the base model) or a run directory (its `final/` export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spinlm.data.answers import extract_answer
+from spinlm.data.chat import read_chat_jsonl
+from spinlm.data.collate import spin_custom_collate
+from spinlm.data.dataset import fit_to_length
+from spinlm.data.render import ChatRenderer
+from spinlm.errors import ConfigError
+from spinlm.model.generation import SamplingParams, generate
+from spinlm.model.logprobs import masked_sum_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalItem:
+    """One held-out conversation: what the model is asked, and the ground truth."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]  # ground-truth answer + end-of-turn, for the SFT loss
+    question: str  # the last user message
+    expected: str  # the ground-truth answer text
+    skill: str = ""
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    sft_loss: float
+    answer_style: float  # fraction of replies saying "answer is"
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def by_skill(self) -> dict[str, tuple[int, int]]:
+        """skill -> (correct, total), skills sorted by name."""
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in self.records:
+            counts[r["skill"]][0] += int(r["correct"])
+            counts[r["skill"]][1] += 1
+        return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+
+    def metrics(self) -> dict[str, float]:
+        return {"eval/accuracy": self.accuracy, "eval/sft_loss": self.sft_loss, "eval/answer_style": self.answer_style}
+
+    def summary(self) -> str:
+        n = len(self.records)
+        correct = sum(r["correct"] for r in self.records)
+        skills = ", ".join(f"{k} {c}/{t}" for k, (c, t) in self.by_skill().items())
+        return (f"held-out accuracy {self.accuracy:.1%} ({correct}/{n}), SFT loss {self.sft_loss:.4f}, "
+                f"'answer is' style {self.answer_style:.0%}; per skill: {skills}")
+
+
+def load_eval_items(
+    path: str | Path, renderer: ChatRenderer, max_seq_length: int, max_new_tokens: int, limit: int | None = None
+) -> list[EvalItem]:
+    """The first `limit` conversations of a chat JSONL file, rendered; long prompts keep their end."""
+    if max_new_tokens >= max_seq_length:
+        raise ConfigError(f"eval: max_new_tokens ({max_new_tokens}) must be below max_seq_length ({max_seq_length})")
+    conversations = read_chat_jsonl(path)[:limit]
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = []
+    for conv, line in zip(conversations, lines):
+        prompt, answer = renderer.render(conv)
+        fitted = fit_to_length(prompt, answer, max_seq_length, max_seq_length - max_new_tokens, "truncate")
+        if fitted is None:
+            continue
+        users = [t.content for t in conv.turns if t.role == "user"]
+        items.append(EvalItem(fitted[0], fitted[1], users[-1], conv.turns[-1].content, json.loads(line).get("skill", "")))
+    return items
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    items: list[EvalItem],
+    end_strings: list[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Greedy answers, exact-match accuracy and the SFT loss of `items` under `model`."""
+    if not items:
+        raise ConfigError("eval: no held-out conversation to evaluate")
+    params = SamplingParams(use_greedy=True, end_strings=list(end_strings), max_length=max_new_tokens, min_length=1)
+    with autocast():
+        gens = generate(model, tokenizer, [it.prompt_ids for it in items], params,
+                        batch_size=batch_size, show_progress=show_progress)
+    records = []
+    for item, ids, cut in zip(items, gens.ids, gens.truncated):
+        reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        got, want = extract_answer(reply), extract_answer(item.expected)
+        records.append({
+            "skill": item.skill, "question": item.question, "expected": want, "extracted": got,
+            "correct": got is not None and got == want, "truncated": cut, "reply": reply,
+        })
+    n = len(records)
+    return EvalResult(
+        accuracy=sum(r["correct"] for r in records) / n,
+        sft_loss=sft_loss(model, items, tokenizer.eos_token_id, batch_size, autocast, show_progress),
+        answer_style=sum("answer is" in r["reply"].lower() for r in records) / n,
+        records=records,
+    )
+
+
+@torch.no_grad()
+def sft_loss(
+    model: nn.Module, items: list[EvalItem], pad_id: int, batch_size: int = 16,
+    autocast: Callable[[], Any] = contextlib.nullcontext, show_progress: bool = False,
+) -> float:
+    """Token-mean NLL of the ground-truth answers (every answer token, including its end token)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    starts = range(0, len(items), batch_size)
+    try:
+        for s in tqdm(starts, desc="Scoring", disable=not show_progress):
+            b = spin_custom_collate([{"prompt_ids": it.prompt_ids, "answer_ids": it.answer_ids}
+                                     for it in items[s:s + batch_size]], pad_id)
+            with autocast():
+                logps = masked_sum_logprobs(model, b["prompts_and_answers"].to(device), b["masks"].to(device))
+            total_nll -= logps.float().sum().item()
+            total_tokens += int(b["masks"].sum())
+    finally:
+        model.train(was_training)
+    return total_nll / max(total_tokens, 1)
+
+
+class HeldOutEvaluator:
+    """What the trainer calls before training and after each iteration: evaluates the policy,
+    writes every answer to `out_dir/iter_N.jsonl` and returns the metrics to log."""
+
+    def __init__(self, items: list[EvalItem], tokenizer: Any, end_strings: list[str], max_new_tokens: int,
+                 batch_size: int, out_dir: str | Path, autocast: Callable[[], Any] = contextlib.nullcontext):
+        self.items, self.tokenizer, self.end_strings = items, tokenizer, end_strings
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.out_dir, self.autocast = Path(out_dir), autocast
+
+    def __call__(self, model: nn.Module, completed_iterations: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = evaluate(model, self.tokenizer, self.items, self.end_strings, self.max_new_tokens,
+                          self.batch_size, self.autocast, show_progress=True)
+        seconds = time.perf_counter() - t0
+        write_records(self.out_dir / f"iter_{completed_iterations}.jsonl", result.records)
+        log.info("after %d iteration(s): %s (%.0fs)", completed_iterations, result.summary(), seconds)
+        return {**result.metrics(), "eval/iteration": completed_iterations, "timing/eval_s": seconds}
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def load_model_for_eval(path: str | Path):
+    """(model, tokenizer) from a model directory, a .gguf, a checkpoint directory or a run directory."""
+    from spinlm.model.loading import load_pretrained
+
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "final" / "config.json").is_file():
+            return load_pretrained(path / "final")
+        if (path / "policy.safetensors").is_file():
+            return _load_checkpoint_policy(path)
+    return load_pretrained(path)
+
+
+def _load_checkpoint_policy(ckpt_dir: Path):
+    """A checkpoint holds only weights: load the run's base model, then the policy weights into it."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_model
+
+    from spinlm.model.loading import load_pretrained
+
+    run_config = ckpt_dir.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ConfigError(f"{ckpt_dir}: a checkpoint directory, but {run_config} (which names its base model) is missing")
+    base = OmegaConf.load(run_config).pretrained_checkpoint.restore_from_path
+    model, tokenizer = load_pretrained(base)
+    load_model(model, str(ckpt_dir / "policy.safetensors"))
+    return model, tokenizer
