@@ -31,7 +31,7 @@ USAGE = __doc__
 def _train(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from spinlm.config import load_config
+    from spinlm.config import load_config, refuse_repeated_overrides
 
     parser = argparse.ArgumentParser(prog="spinlm train", description="SPIN training (Hydra overrides)")
     parser.add_argument("--config-path", default=None, help="directory of your own config YAML")
@@ -39,6 +39,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--cfg", choices=["job"], default=None, help="print the composed config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(_hydra_style(argv))
+    refuse_repeated_overrides(args.overrides)
     cfg = load_config(args.overrides, config_path=args.config_path, config_name=args.config_name)
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))

@@ -58,7 +58,6 @@ def load_config(
     packaged defaults.
     """
     register_resolvers()
-    _refuse_repeated_overrides(overrides)
     defaults = _compose(None, CONFIG_NAME, ())
     if not config_path:
         cfg = _compose(None, CONFIG_NAME, overrides)
@@ -74,7 +73,7 @@ def load_config(
     return cfg
 
 
-def _refuse_repeated_overrides(overrides: Sequence[str]) -> None:
+def refuse_repeated_overrides(overrides: Sequence[str]) -> None:
     """`a=1 ... a=2` would silently keep the last value; a repeated key is more likely a mistake."""
     seen: set[str] = set()
     for override in overrides:
