@@ -16,7 +16,7 @@ from spinlm.train import build_trainer, run
 
 def make_cfg(run_dir, model_dir, files, *overrides):
     train, val = files
-    return load_config([
+    base = [
         f"pretrained_checkpoint.restore_from_path={model_dir}",
         f"model.data.train_ds.file_path={train}",
         f"model.data.validation_ds.file_path={val}",
@@ -36,8 +36,10 @@ def make_cfg(run_dir, model_dir, files, *overrides):
         "model.optim.lr=1e-3",
         "model.optim.sched.warmup_steps=2",
         "model.optim.sched.constant_steps=0",
-        *overrides,
-    ])
+    ]
+    # a test's own override replaces the default above (load_config refuses a key given twice)
+    merged = {o.split("=", 1)[0]: o for o in [*base, *overrides]}
+    return load_config(list(merged.values()))
 
 
 @pytest.fixture
