@@ -15,3 +15,7 @@ class DataError(SpinlmError):
 
 class CheckpointError(SpinlmError):
     """A checkpoint is missing, partial or corrupt."""
+
+
+class TrainingError(SpinlmError):
+    """Training cannot go on (a non-finite loss, out of memory); nothing bad was saved."""

@@ -250,3 +250,35 @@ def test_resume_hashes_each_file_once(tmp_path, monkeypatch):
     ckpt.load(path, {"policy": nn.Linear(4, 4)})
     assert sorted(hashed) == sorted(set(hashed))
     assert len(hashed) == len(list(path.iterdir())) - 1  # every file but the manifest, once
+
+
+def test_save_top_k_minus_one_keeps_all(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=-1)
+    for step in range(1, 6):
+        _save(ck, step)
+    assert [p.name for p in ck.step_dirs()] == [f"step_{s:06d}" for s in range(1, 6)]
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    ck = Checkpointer(tmp_path)
+    _save(ck, 1)
+    bad = _seq(0)
+    with torch.no_grad():
+        bad[2].bias[1] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save policy at step 2: parameter 2\.bias holds NaN"):
+        ck.save(2, {"policy": bad}, {}, {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
+
+
+def test_failed_save_removes_its_temp_dir(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path)
+    _save(ck, 1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _save(ck, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
+    assert ck.latest() == tmp_path / "step_000001"

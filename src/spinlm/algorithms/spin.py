@@ -21,16 +21,23 @@ from spinlm.algorithms.rollouts import Rollout, RolloutStore
 from spinlm.algorithms.scoring import batch_pairs, pair_logprobs, reference_pair_logprobs
 from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
 from spinlm.data.collate import spin_custom_collate
-from spinlm.errors import SpinlmError
+from spinlm.errors import SpinlmError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.loading import export_hf
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.reference import ReferencePolicy
 from spinlm.utils.checkpoint import Checkpointer
+from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
 from spinlm.utils.logger import RunLogger, RunTimer
+from spinlm.utils.signals import StopRequested, StopSignals
 
 log = logging.getLogger(__name__)
+
+
+_STEP_KEYS = ("model.micro_batch_size", "model.data.train_ds.max_seq_length", "model.spin.length_params.max_length")
+_GENERATION_KEYS = ("model.spin.rollout_micro_batch_size", "model.spin.log_prob_forward_micro_batch_size",
+                    "model.spin.length_params.max_length")
 
 
 def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size: int) -> tuple[int, int, int]:
@@ -51,10 +58,6 @@ def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size:
     return steps_per_epoch, steps_per_iteration, max_steps
 
 
-class TrainingError(SpinlmError):
-    """Training cannot go on (e.g. a non-finite loss); nothing bad was saved."""
-
-
 class SPINTrainer:
     """Coordinates SPIN: generation, reference log-probs, the loss step, validation, checkpoints.
 
@@ -68,7 +71,10 @@ class SPINTrainer:
       - exact resume: weights, optimizer, scheduler, RNG, data position (the data order is a
         function of seed, iteration and epoch) and the generated answers;
       - validation on the same batches every time (SFT loss of the ground-truth answers);
-      - a wall-time limit (`trainer.max_time`): validate, save, stop.
+      - a wall-time limit (`trainer.max_time`): validate, save, stop;
+      - SIGTERM/SIGINT: finish the step (or abandon a generation in progress), save, return;
+      - a NaN/inf loss or gradient stops the run before the optimizer step (or skips the step,
+        `trainer.spin.skip_non_finite_steps`); an out-of-memory error names the sizes and keys.
     Assumes: one process (multi-process training is a later extension), chat data rendered
     by `spinlm.data`, right-padded batches.
     """
@@ -119,6 +125,9 @@ class SPINTrainer:
         self.beta = kl_penalty_for_iteration(spin.ref_policy_kl_penalty, 0)
         self.last_val_loss: float | None = None
         self._pending_timings: dict[str, float] = {}
+        self.stop_signals = StopSignals()
+        self.skip_non_finite = bool(self.cfg.skip_non_finite_steps)
+        self._saved_step: int | None = None
 
     # ----- derived position -------------------------------------------------------------
     @property
@@ -131,43 +140,67 @@ class SPINTrainer:
 
     # ----- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
-        """Iterations x epochs x batches; at each iteration end the reference becomes the policy."""
+        """Iterations x epochs x batches; at each iteration end the reference becomes the policy.
+
+        A stop (SIGTERM/SIGINT, or max_time, which also validates) ends the step in progress, saves
+        and returns without the final export; the same command then resumes."""
         self.run_timer.start()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="Training steps", dynamic_ncols=True)
-        out_of_time = False
-        while self.step < self.max_steps and not out_of_time:
-            iteration, epoch = self.iteration, self.epoch
-            self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, iteration)
-            for batch in self.augment_dataloader(iteration, epoch):
-                metrics = self.train_single_step(batch)
-                self.step += 1
-                self.consumed_samples += self.global_batch_size
-                if self.step % self.steps_per_iteration == 0:
-                    # before any save at this boundary, so a resume trains against the new opponent
-                    self.reference.refresh_from(self.policy)
-                self._log_step(metrics, batch)
-                bar.update(1)
-                bar.set_postfix(iteration=iteration, epoch=epoch, loss=f"{metrics['loss']:.4f}")
+        stop = None  # why the run stops early: a signal's name or "max_time"
+        with self.stop_signals:
+            try:
+                while self.step < self.max_steps and stop is None:
+                    iteration, epoch = self.iteration, self.epoch
+                    self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, iteration)
+                    for batch in self.augment_dataloader(iteration, epoch):
+                        with oom_guard("the train step", self._step_sizes(batch), _STEP_KEYS):
+                            metrics = self.train_single_step(batch)
+                        self.step += 1
+                        self.consumed_samples += self.global_batch_size
+                        if self.step % self.steps_per_iteration == 0:
+                            # before any save at this boundary, so a resume trains against the new opponent
+                            self.reference.refresh_from(self.policy)
+                        self._log_step(metrics, batch)
+                        bar.update(1)
+                        bar.set_postfix(iteration=iteration, epoch=epoch, loss=f"{metrics['loss']:.4f}")
 
-                is_last = self.step >= self.max_steps
-                out_of_time = self.run_timer.is_finished() and not is_last
-                if self.step % self.val_check_interval == 0 or is_last or out_of_time:
-                    self.run_validation()
-                    self._log_samples(batch)
-                if self.step % self.cfg.save_interval == 0 or is_last or out_of_time:
+                        is_last = self.step >= self.max_steps
+                        stop = None if is_last else self._stop_reason()
+                        if self.step % self.val_check_interval == 0 or is_last or stop == "max_time":
+                            self.run_validation()
+                            self._log_samples(batch)
+                        if self.step % self.cfg.save_interval == 0 or is_last or stop:
+                            self.save()
+                        if is_last or stop:
+                            break
+            except StopRequested as signalled:  # during generation: that work is abandoned
+                stop = signalled.name
+                if self.step > 0 and self._saved_step != self.step:
                     self.save()
-                if is_last or out_of_time:
-                    break
         bar.close()
-        if out_of_time:
-            log.info("max_time reached at step %d: saved; run the same command again to resume", self.step)
+        if stop:
+            log.warning("%s at step %d: saved; run the same command again to resume", stop, self.step)
         else:
             self._finish()
+
+    def _stop_reason(self) -> str | None:
+        if self.stop_signals.received:
+            return self.stop_signals.received
+        return "max_time" if self.run_timer.is_finished() else None
+
+    def _step_sizes(self, batch: dict[str, Tensor]) -> dict[str, int]:
+        return {"micro batch": self.micro_batch_size, "global batch": batch["actual"].shape[0],
+                "seq len": max(batch["actual"].shape[1], batch["generated"].shape[1])}
 
     # ----- data: pair each ground-truth answer with the reference's answer --------------
     def augment_dataloader(self, iteration: int, epoch: int) -> Iterator[dict[str, Tensor]]:
         """Training batches of the epoch from the current step on, with generations and reference log-probs."""
-        rollouts = self._rollouts_for(iteration, epoch)
+        sizes = {"rollout batch": self.model_cfg.spin.rollout_micro_batch_size,
+                 "log-prob batch": self.model_cfg.spin.log_prob_forward_micro_batch_size,
+                 "max prompt len": max(len(s["prompt_ids"]) for s in self.train_dataset.samples),
+                 "max new tokens": self.sampling.max_length}
+        with self.stop_signals.abandonable(), oom_guard("generation / reference log-probs", sizes, _GENERATION_KEYS):
+            rollouts = self._rollouts_for(iteration, epoch)
         order = self._epoch_order(iteration, epoch)
         start = self.step % self.steps_per_epoch
         for b in range(start, self.steps_per_epoch):
@@ -276,18 +309,20 @@ class SPINTrainer:
             )
             loss = out.losses.sum() / n
             if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss at step {self.step + 1}; nothing was saved for this step")
+                non_finite(self.step + 1, f"the loss is {loss.item()}", self.skip_non_finite)
+                return self._skip_step(t0)
             loss.backward()
             losses.append(out.losses.detach())
             rew_act.append(out.rewards_actual)
             rew_gen.append(out.rewards_generated)
             pol_act.append(logps_act.detach())
             pol_gen.append(logps_gen.detach())
-        clip = self.cfg.gradient_clip_val
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        grad_norm = clip_checked(self.policy, self.cfg.gradient_clip_val)
         if not torch.isfinite(grad_norm):
-            raise TrainingError(f"non-finite gradient norm at step {self.step + 1}; nothing was saved for this step")
+            where = first_non_finite_grad(self.policy)
+            non_finite(self.step + 1, f"the gradient norm is {grad_norm.item()} (first non-finite: {where})",
+                       self.skip_non_finite)
+            return self._skip_step(t0)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -303,6 +338,13 @@ class SPINTrainer:
         metrics["step_time"] = time.perf_counter() - t0
         metrics["epoch"], metrics["iteration"] = self.epoch, self.iteration  # of the step being trained
         return metrics
+
+    def _skip_step(self, t0: float) -> dict[str, float]:
+        """A non-finite step under skip_non_finite_steps: no update; the lr schedule still advances."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"loss": float("nan"), "skipped_non_finite": 1, "beta": self.beta, "step_time": time.perf_counter() - t0,
+                "epoch": self.epoch, "iteration": self.iteration}
 
     # ----- validation ---------------------------------------------------------------------
     def _val_batches(self) -> list[list[int]]:
@@ -377,6 +419,7 @@ class SPINTrainer:
         self.last_val_loss = state.get("val_loss")
 
     def save(self) -> None:
+        self._saved_step = self.step
         self.checkpointer.save(
             self.step,
             modules={"policy": self.policy, "reference": self.reference.module},

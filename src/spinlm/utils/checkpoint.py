@@ -4,6 +4,8 @@ Layout of `checkpoints/step_000042/`: one `.safetensors` file per module (policy
 one `.pt` per other state (optimizer, scheduler, RNG), `trainer_state.json`, and last
 `manifest.json` with each file's size and SHA-256. A directory without a matching manifest
 (a crash mid-write, a corrupt disk) is skipped with a warning and the previous one is used.
+NaN/inf weights are never written. Retention: the newest `keep_last` (save_top_k; -1 keeps
+all) plus the best by the monitored metric.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def refuse_non_finite(module: nn.Module, what: str) -> None:
+    """CheckpointError naming the first parameter holding NaN/inf: such weights are never written."""
+    for name, param in module.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            raise CheckpointError(f"refusing to save {what}: parameter {name} holds NaN/inf values")
+
+
+def _test_delay() -> None:
+    delay = os.environ.get("SPINLM_TEST_SAVE_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
 class Checkpointer:
     """Saves and finds checkpoints in one directory; keeps the newest `keep_last` plus the best."""
 
@@ -66,13 +82,34 @@ class Checkpointer:
         self._just_verified: Path | None = None  # latest()'s answer: load() need not hash it again
 
     def save(self, step: int, modules: dict[str, nn.Module], states: dict[str, Any], meta: dict) -> Path:
+        """Write `step_{step}/` atomically: a temp dir, every file fsynced, the manifest last, one rename.
+
+        Weights that are not finite are refused (CheckpointError) before anything is written; a save
+        that fails part-way removes its temp dir, so the previous checkpoints stay the newest."""
+        for name, module in modules.items():
+            refuse_non_finite(module, f"{name} at step {step}")
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp_step_{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        try:
+            self._write(tmp, modules, states, meta)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync(self.directory)
+        self._prune()
+        return final
+
+    @staticmethod
+    def _write(tmp: Path, modules: dict[str, nn.Module], states: dict[str, Any], meta: dict) -> None:
         for name, module in modules.items():
             save_model(module, str(tmp / f"{name}.safetensors"))
+        _test_delay()  # SPINLM_TEST_SAVE_DELAY: lets tests kill a process in the middle of a save
         for name, state in states.items():
             torch.save(state, tmp / f"{name}.pt")
         (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -82,12 +119,7 @@ class Checkpointer:
         manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _fsync(tmp / MANIFEST)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(self.directory)
-        self._prune()
-        return final
+        _fsync(tmp)
 
     def is_valid(self, path: Path) -> bool:
         try:
@@ -138,7 +170,12 @@ class Checkpointer:
         return value if math.isfinite(value) else None  # a NaN/inf metric (diverged run) is never "best"
 
     def _prune(self) -> None:
+        """Keep the newest `keep_last` (-1: all; 0: the newest only, for resuming) plus the best."""
+        for stale in self.directory.glob(".tmp_step_*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         dirs = self.step_dirs()
+        if self.keep_last < 0:
+            return
         keep = set(dirs[-self.keep_last:]) if self.keep_last > 0 else set(dirs[-1:])
         scored = [(m, p) for p in dirs if (m := self._metric(p)) is not None]
         if scored:
@@ -147,5 +184,3 @@ class Checkpointer:
         for p in dirs:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-        for stale in self.directory.glob(".tmp_step_*"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)

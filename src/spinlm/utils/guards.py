@@ -1,0 +1,65 @@
+"""Guards around a training step: out-of-memory turned into numbers and config keys, non-finite
+losses and gradients caught before the optimizer (and so before any save) sees them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from spinlm.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+
+
+@contextlib.contextmanager
+def oom_guard(phase: str, numbers: dict[str, int], keys: tuple[str, ...]) -> Iterator[None]:
+    """Re-raise an out-of-memory error as one TrainingError line: the phase, its sizes, what to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        if not _is_oom(err):
+            raise
+        sizes = ", ".join(f"{k} {v}" for k, v in numbers.items())
+        raise TrainingError(
+            f"out of memory during {phase} ({sizes}); lower {', '.join(keys)}"
+        ) from err
+
+
+def first_non_finite_grad(module: nn.Module) -> str | None:
+    """Name of the first parameter whose gradient holds NaN/inf (the place a blow-up shows first)."""
+    for name, param in module.named_parameters():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return name
+    return None
+
+
+def clip_checked(module: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm, measured BEFORE clipping; a non-finite norm is returned unclipped."""
+    params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if torch.isfinite(norm) and max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def non_finite(step: int, what: str, skip: bool) -> None:
+    """Stop with a TrainingError naming the step (nothing of it is applied or saved), or, with
+    trainer.spin.skip_non_finite_steps=true, log that the step's update is skipped."""
+    if not skip:
+        raise TrainingError(
+            f"step {step}: {what}; stopped before the optimizer step, so no NaN weights were applied or saved "
+            "(the last checkpoint is intact). Lower model.optim.lr or trainer.spin.gradient_clip_val, or set "
+            "trainer.spin.skip_non_finite_steps=true to skip such steps"
+        )
+    log.warning("step %d: %s; update skipped (trainer.spin.skip_non_finite_steps=true)", step, what)
