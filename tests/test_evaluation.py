@@ -64,3 +64,39 @@ def test_held_out_evaluator_writes_answers_and_metrics(setup, tmp_path):
     assert metrics["eval/iteration"] == 2
     rows = (tmp_path / "eval" / "iter_2.jsonl").read_text().splitlines()
     assert len(rows) == len(items) and "reply" in json.loads(rows[0])
+
+
+# ----- in the trainer -------------------------------------------------------------------
+def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, tiny_model_dir, setup):
+    from spinlm.config import load_config
+    from spinlm.train import run
+
+    paths = setup[4]
+    run_dir = tmp_path / "run"
+    cfg = load_config([
+        f"pretrained_checkpoint.restore_from_path={tiny_model_dir}",
+        f"model.data.train_ds.file_path={paths['train']}", f"model.data.validation_ds.file_path={paths['validation']}",
+        f"model.data.test_ds.file_path={paths['test']}", f"exp_manager.explicit_log_dir={run_dir}",
+        "trainer.precision=32", "trainer.spin.max_iterations=2", "trainer.spin.save_interval=1",
+        "trainer.spin.eval_max_new_tokens=6", "model.global_batch_size=2", "model.micro_batch_size=1",
+        "model.encoder_seq_length=256", "model.spin.length_params.max_length=8", "model.optim.lr=1e-2",
+        "exp_manager.checkpoint_callback_params.save_top_k=10",
+    ])
+    run(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    # 4 train samples / batch 2 = 2 steps an iteration
+    assert [(r["step"], r["eval/iteration"]) for r in evals] == [(0, 0), (2, 1), (4, 2)]
+    assert all(r["timing/eval_s"] >= 0 for r in evals)
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["iter_0.jsonl", "iter_1.jsonl", "iter_2.jsonl"]
+    assert (run_dir / "report.png").is_file() and "| 2 |" in (run_dir / "report.md").read_text()
+    assert len({r["eval/sft_loss"] for r in evals}) == 3  # the policy trained in between
+
+    # the checkpoint at the end of iteration 1 and the final export evaluate as the trainer did
+    renderer = setup[2]
+    for model_path, expected in ((run_dir / "checkpoints" / "step_000002", evals[1]), (run_dir, evals[2])):
+        model, tokenizer = load_model_for_eval(model_path)
+        items = load_eval_items(paths["test"], renderer, 256, 6)
+        result = evaluate(model, tokenizer, items, renderer.end_strings, max_new_tokens=6, show_progress=False)
+        assert result.sft_loss == pytest.approx(expected["eval/sft_loss"], rel=1e-4)
+        assert result.accuracy == expected["eval/accuracy"]

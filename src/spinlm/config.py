@@ -38,14 +38,21 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def register_resolvers() -> None:
-    """The arithmetic resolvers NeMo configs use; idempotent."""
+    """The arithmetic resolvers NeMo configs use, and spinlm_cache (a prepared model's path); idempotent."""
     for name, fn in {
         "multiply": lambda x, y: x * y,
         "int_div": lambda x, y: x // y,
         "subtract": lambda x, y: x - y,
+        "spinlm_cache": _cached_model,  # ${spinlm_cache:NAME}: a model `spinlm prepare-model` made
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+def _cached_model(name: str) -> str:
+    from spinlm.model.prepare import cached_model_path
+
+    return str(cached_model_path(name))
 
 
 def load_config(

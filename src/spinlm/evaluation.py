@@ -36,7 +36,7 @@ from spinlm.data.chat import read_chat_jsonl
 from spinlm.data.collate import spin_custom_collate
 from spinlm.data.dataset import fit_to_length
 from spinlm.data.render import ChatRenderer
-from spinlm.errors import ConfigError
+from spinlm.errors import ConfigError, DataError
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.logprobs import masked_sum_logprobs
 
@@ -162,15 +162,30 @@ class HeldOutEvaluator:
     writes every answer to `out_dir/iter_N.jsonl` and returns the metrics to log."""
 
     def __init__(self, items: list[EvalItem], tokenizer: Any, end_strings: list[str], max_new_tokens: int,
-                 batch_size: int, out_dir: str | Path, autocast: Callable[[], Any] = contextlib.nullcontext):
+                 batch_size: int, out_dir: str | Path):
         self.items, self.tokenizer, self.end_strings = items, tokenizer, end_strings
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.out_dir, self.autocast = Path(out_dir), autocast
+        self.max_new_tokens, self.batch_size, self.out_dir = max_new_tokens, batch_size, Path(out_dir)
 
-    def __call__(self, model: nn.Module, completed_iterations: int) -> dict[str, float]:
+    @classmethod
+    def from_config(cls, cfg: Any, tokenizer: Any, renderer: ChatRenderer) -> HeldOutEvaluator | None:
+        """The evaluator of `model.data.test_ds` (None when its file_path is null); reads the file now,
+        so a bad file fails before the weights load."""
+        test = cfg.model.data.test_ds
+        if test.file_path is None:
+            return None
+        if not Path(test.file_path).is_file():
+            raise DataError(f"{test.file_path}:0: file not found (model.data.test_ds.file_path)")
+        spin = cfg.trainer.spin
+        items = load_eval_items(test.file_path, renderer, test.max_seq_length, spin.eval_max_new_tokens)
+        end_strings = list(dict.fromkeys(list(cfg.model.spin.sampling_params.end_strings) + renderer.end_strings))
+        out_dir = Path(cfg.exp_manager.explicit_log_dir) / "eval"
+        return cls(items, tokenizer, end_strings, spin.eval_max_new_tokens, spin.eval_batch_size, out_dir)
+
+    def __call__(self, model: nn.Module, completed_iterations: int,
+                 autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
         t0 = time.perf_counter()
         result = evaluate(model, self.tokenizer, self.items, self.end_strings, self.max_new_tokens,
-                          self.batch_size, self.autocast, show_progress=True)
+                          self.batch_size, autocast, show_progress=True)
         seconds = time.perf_counter() - t0
         write_records(self.out_dir / f"iter_{completed_iterations}.jsonl", result.records)
         log.info("after %d iteration(s): %s (%.0fs)", completed_iterations, result.summary(), seconds)

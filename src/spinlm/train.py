@@ -15,9 +15,11 @@ from spinlm.algorithms.rollouts import RolloutStore
 from spinlm.algorithms.spin import SPINTrainer, count_steps
 from spinlm.config import parse_max_time
 from spinlm.errors import ConfigError
+from spinlm.evaluation import HeldOutEvaluator
 from spinlm.model.loading import load_model
 from spinlm.model.reference import ReferencePolicy
 from spinlm.preflight import prepare
+from spinlm.report import write_report
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
 from spinlm.utils.logger import RunLogger, RunTimer
 
@@ -77,6 +79,7 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked."""
     device = pick_device(cfg.trainer.accelerator)
     prep = prepare(cfg)  # config, paths and data checked before the weights load
+    evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
     seed_everything(cfg.model.seed)
     policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer)
     policy.to(device)
@@ -94,7 +97,7 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         cfg, policy, reference, prep.tokenizer, optimizer, scheduler, prep.train, prep.val,
         logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts"),
         run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")),
-        end_strings=prep.renderer.end_strings,
+        end_strings=prep.renderer.end_strings, evaluator=evaluator,
     )
 
     latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists else None
@@ -113,4 +116,8 @@ def run(cfg: DictConfig) -> SPINTrainer:
         trainer.fit()
     finally:
         trainer.logger.close()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        table = write_report(trainer.logger.run_dir)
+        log.info("report: %s", trainer.logger.run_dir / "report.md")
+        print(table)
     return trainer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -94,6 +94,7 @@ class SPINTrainer:
         rollout_store: RolloutStore,
         run_timer: RunTimer,
         end_strings: list[str] | None = None,
+        evaluator: Callable[..., dict[str, float]] | None = None,
     ):
         self.cfg = cfg.trainer.spin
         self.model_cfg = cfg.model
@@ -101,6 +102,7 @@ class SPINTrainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.logger, self.checkpointer, self.rollouts, self.run_timer = logger, checkpointer, rollout_store, run_timer
+        self.evaluator = evaluator  # held-out evaluation (spinlm.evaluation.HeldOutEvaluator) or None
         self.device = next(policy.parameters()).device
         self.eos_id = tokenizer.eos_token_id
         self.precision = str(cfg.trainer.precision)
@@ -149,6 +151,8 @@ class SPINTrainer:
         stop = None  # why the run stops early: a signal's name or "max_time"
         with self.stop_signals:
             try:
+                if self.step == 0:
+                    self.evaluate_held_out()  # the start model
                 while self.step < self.max_steps and stop is None:
                     iteration, epoch = self.iteration, self.epoch
                     self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, iteration)
@@ -161,6 +165,8 @@ class SPINTrainer:
                             # before any save at this boundary, so a resume trains against the new opponent
                             self.reference.refresh_from(self.policy)
                         self._log_step(metrics, batch)
+                        if self.step % self.steps_per_iteration == 0:
+                            self.evaluate_held_out()
                         bar.update(1)
                         bar.set_postfix(iteration=iteration, epoch=epoch, loss=f"{metrics['loss']:.4f}")
 
@@ -378,6 +384,12 @@ class SPINTrainer:
         metrics = {"val/loss": self.last_val_loss}
         self.logger.log_metrics(metrics, self.step)
         return metrics
+
+    def evaluate_held_out(self) -> None:
+        """Held-out accuracy and SFT loss of the policy after the iterations done so far, logged as eval/*."""
+        if self.evaluator is not None:
+            metrics = self.evaluator(self.policy, self.step // self.steps_per_iteration, self._autocast)
+            self.logger.log_metrics(metrics, self.step)
 
     # ----- logging ------------------------------------------------------------------------
     def _log_step(self, metrics: dict[str, float], batch: dict[str, Tensor]) -> None:
