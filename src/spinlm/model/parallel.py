@@ -1,0 +1,160 @@
+"""Data parallel (DDP) and sharded (FSDP2) models, and full state dicts that do not depend on either.
+
+- DDP: every rank holds the whole model; gradients are averaged in backward.
+- FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer is one shard group and the
+  root module (embeddings, final norm, LM head) another; parameters, gradients and optimizer
+  state live sharded, a layer's weights are all-gathered just for its forward/backward. The
+  frozen reference policy is sharded the same way, so no rank ever holds a full copy of it.
+
+Checkpoints and the final export use *full* state dicts (torch.distributed.checkpoint.state_dict
+with full_state_dict=True, cpu_offload=True): plain parameter-name -> tensor maps, for the
+model and for the optimizer (keyed by parameter name, not position). So a checkpoint written by
+2 FSDP ranks resumes on 1 process or on 4 DDP ranks, and `final/` is an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from spinlm.errors import ConfigError
+from spinlm.model.loading import unwrap
+from spinlm.utils.distributed import info
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    """`trainer.strategy` -> "single", "ddp" or "fsdp". auto = ddp with more than one process."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"config: trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if world_size <= 1:
+        return "single"
+    return "ddp" if strategy == "auto" else strategy
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: modules whose class HF marks as not to be split (`_no_split_modules`),
+    else the children of the longest ModuleList."""
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 in place: one group per decoder layer, then the root. Call on the CPU model: each
+    rank then moves only its own shard to `device` (a full copy never lands on the GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (info().world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def wrap_policy(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """The trainable policy for `strategy` ("single", "ddp" or "fsdp"), on `device`."""
+    if strategy == "fsdp":
+        return shard(model, device)
+    model.to(device)
+    if strategy == "ddp":
+        # buffers (rotary tables) are constants: no broadcast per forward
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return model
+
+
+def place_reference(module: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """The frozen reference: sharded like the policy under FSDP, a local copy otherwise."""
+    if strategy == "fsdp":
+        return shard(module, device)
+    return module.to(device)
+
+
+def needs_lockstep(model: nn.Module) -> bool:
+    """FSDP2 forwards are collectives: every rank must run the same number of them."""
+    return is_sharded(model) and info().is_distributed
+
+
+def grad_sync(model: nn.Module, enabled: bool):
+    """DDP: skip the gradient all-reduce on accumulation micro batches (`enabled=False`).
+    FSDP2 reduce-scatters every micro batch (keeps gradients sharded: memory before speed)."""
+    if not enabled and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
+    """Global gradient norm before clipping, as a float; works on DTensor (FSDP2) gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ----- full state dicts --------------------------------------------------------------------
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on CPU
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Parameter name -> full CPU tensor (no wrapper prefixes). Under FSDP2 a collective: call on
+    every rank; only rank 0 gets the tensors (the others get {}), which is the rank that saves."""
+    if not info().is_distributed:
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return get_model_state_dict(model, options=_FULL)
+
+
+def load_full_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a full state dict (every rank passes it) into a plain, DDP or FSDP2 model; strict.
+    A tied weight saved once (safetensors drops duplicates) is filled in from its partner."""
+    state = with_tied_names(unwrap(model), state)
+    if not info().is_distributed:
+        unwrap(model).load_state_dict(state, strict=True)
+        return
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def with_tied_names(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state` plus entries for every name sharing a parameter with one present."""
+    out = dict(state)
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in out]
+        for n in names:
+            if n not in out and present:
+                out[n] = out[present[0]]
+    return out
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state keyed by parameter name (resumable on another world size or strategy).
+    A collective under FSDP2/DDP; only rank 0 gets the tensors."""
+    options = _FULL if info().is_distributed else StateDictOptions(full_state_dict=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

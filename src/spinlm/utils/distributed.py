@@ -1,0 +1,170 @@
+"""torch.distributed as torchrun starts it: process-group setup, rank helpers, small collectives.
+
+One process (plain `python -m spinlm`, no torchrun) is world size 1 and every helper is a
+no-op, so the trainer calls them unconditionally. With torchrun (WORLD_SIZE > 1 in the
+environment) `init_distributed` joins the process group: gloo on CPU, nccl on CUDA.
+
+The collectives here carry decisions and metrics, not weights: the ranks must agree on when
+to stop (wall-time, a non-finite loss), which checkpoint to resume and which rollouts to
+reuse, or one rank leaves a loop while the others wait in a collective forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, rank on its node, processes per node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def env_info() -> DistInfo:
+    """The launcher's view (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def info() -> DistInfo:
+    """This process's place in the running process group (world size 1 without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    env = env_info()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), env.local_rank, env.local_world_size)
+
+
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(accelerator: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment; world size 1 needs none.
+
+    The backend follows the device: nccl when this rank trains on CUDA, gloo on CPU. Ranks
+    other than 0 log warnings only, so a run prints each message once.
+    """
+    env = env_info()
+    if env.world_size <= 1:
+        return info()
+    if not dist.is_initialized():
+        use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend=backend_for("cuda" if use_cuda else "cpu"))
+    if dist.get_rank() != 0:
+        logging.getLogger("spinlm").setLevel(logging.WARNING)
+    return info()
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    """nccl only moves CUDA tensors; gloo only CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if info().is_distributed:
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on at least one (stop / error decisions)."""
+    if not info().is_distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a few numbers (token counts, loss sums), in float64."""
+    if not info().is_distributed:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each metric (every rank passes the same keys)."""
+    world = info().world_size
+    if world <= 1:
+        return dict(metrics)
+    keys = sorted(metrics)
+    sums = all_reduce_sum([metrics[k] for k in keys])
+    return {k: s / world for k, s in zip(keys, sums)}
+
+
+def gather_rows(local: Tensor) -> Tensor:
+    """Concatenate every rank's rows in rank order (equal row counts on every rank), on every rank."""
+    if not info().is_distributed:
+        return local
+    device = _collective_device()
+    t = local.detach().to(device).contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).to(local.device)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's (picklable) object, in rank order, on every rank."""
+    if not info().is_distributed:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_from_main(obj: T) -> T:
+    """Rank 0's (picklable) object on every rank: the one answer all ranks act on."""
+    if not info().is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_evenly(n_items: int, rank: int, world_size: int) -> range:
+    """The contiguous block of `n_items` rank `rank` owns (sizes differ by at most one)."""
+    base, extra = divmod(n_items, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
