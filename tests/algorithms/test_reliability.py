@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -147,3 +148,27 @@ def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch
     assert "abandoning the generation in progress" in caplog.text
     assert "SIGTERM at step 4: saved" in caplog.text
     assert not (trainer.logger.run_dir / "rollouts" / "iter_1.jsonl").exists()
+
+
+def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory, monkeypatch, caplog):
+    real = spin_module.generate
+    finished = []
+
+    def generate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if finished:  # every generation after the first one is very slow
+            time.sleep(60)
+        finished.append(1)
+        return out
+
+    monkeypatch.setattr(spin_module, "generate", generate)
+    cfg = cfg_factory("model.spin.regenerate_each_epoch=true", "trainer.max_time=00:00:00:02")
+    trainer = build_trainer(cfg)
+    with caplog.at_level(logging.WARNING):
+        trainer.fit()
+    assert len(finished) == 1  # the slow generation never returned: it was abandoned
+    assert "max_time reached: abandoning the generation in progress" in caplog.text
+    assert 1 <= trainer.step <= 2
+    assert f"max_time at step {trainer.step}: saved" in caplog.text
+    assert (trainer.logger.run_dir / "checkpoints" / f"step_{trainer.step:06d}").is_dir()
+    assert signal.getsignal(signal.SIGALRM) is not trainer.stop_signals._handle_deadline

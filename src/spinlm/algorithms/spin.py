@@ -150,6 +150,7 @@ class SPINTrainer:
         bar = tqdm(total=self.max_steps, initial=self.step, desc="Training steps", dynamic_ncols=True)
         stop = None  # why the run stops early: a signal's name or "max_time"
         with self.stop_signals:
+            self.stop_signals.set_deadline(self.run_timer.max_seconds)
             try:
                 if self.step == 0:
                     self.evaluate_held_out()  # the start model
@@ -157,6 +158,7 @@ class SPINTrainer:
                     iteration, epoch = self.iteration, self.epoch
                     self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, iteration)
                     for batch in self.augment_dataloader(iteration, epoch):
+                        self.stop_signals.abandon_on_deadline = True  # a step is trained: stopping progresses
                         with oom_guard("the train step", self._step_sizes(batch), _STEP_KEYS):
                             metrics = self.train_single_step(batch)
                         self.step += 1

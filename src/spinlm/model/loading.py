@@ -40,34 +40,30 @@ def load_pretrained(
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer alone (cheap): data can be checked before the weights load."""
-    source, kwargs = _from_pretrained_args(Path(path))
-    try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{CONFIG_KEY}: cannot load a tokenizer from {path}: {e}") from e
+    return _from_pretrained(AutoTokenizer, path, "a tokenizer")
 
 
 def load_model_config(path: str | Path) -> PretrainedConfig:
     """The model's config alone (cheap): its context length is known before the weights load."""
-    source, kwargs = _from_pretrained_args(Path(path))
-    try:
-        return AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{CONFIG_KEY}: cannot read a model config from {path}: {e}") from e
+    return _from_pretrained(AutoConfig, path, "a model config")
 
 
 def load_model(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
     """The weights; gives `tokenizer` a pad token (eos) if it has none and makes the model agree."""
-    source, kwargs = _from_pretrained_args(Path(path))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{CONFIG_KEY}: cannot load a causal LM from {path}: {e}") from e
+    model = _from_pretrained(AutoModelForCausalLM, path, "a causal LM", dtype=torch_dtype)
     _drop_gguf_quantizer(model)
     _ensure_pad_token(model, tokenizer)
     return model
+
+
+def _from_pretrained(auto_cls, path: str | Path, what: str, **extra):
+    source, kwargs = _from_pretrained_args(Path(path))
+    try:
+        return auto_cls.from_pretrained(source, **kwargs, **extra)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{CONFIG_KEY}: cannot load {what} from {path}: {e}") from e
 
 
 def _from_pretrained_args(path: Path) -> tuple[str, dict]:
