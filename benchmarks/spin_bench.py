@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="chat JSONL instead of the generated arithmetic task")
     p.add_argument("--prompts", type=int, default=None, help="number of prompts (default: per workload)")
     p.add_argument("--sides", default="baseline,spinlm", help="which sides to run (debugging)")
+    p.add_argument("--reuse-baseline", default=None, help="take the baseline from an earlier --out FILE (development)")
     p.add_argument("--child", choices=["baseline", "spinlm"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -362,7 +363,11 @@ def main(argv=None) -> int:
     (work / "spec.json").write_text(json.dumps(spec))
     sides = {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if args.reuse_baseline:
+        sides["baseline"] = json.loads(Path(args.reuse_baseline).read_text())["baseline"]
     for side in args.sides.split(","):
+        if side in sides:
+            continue
         out = work / f"{side}.json"
         print(f"[spin_bench] running {side} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--child", side, "--spec", str(work / "spec.json"),

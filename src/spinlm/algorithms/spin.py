@@ -23,6 +23,7 @@ from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_li
 from spinlm.data.collate import spin_custom_collate
 from spinlm.errors import SpinlmError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from spinlm.loss import reward_metrics, spin_loss
+from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.loading import export_hf
 from spinlm.model.logprobs import masked_sum_logprobs
@@ -234,8 +235,10 @@ class SPINTrainer:
             return cached
         epochs = range(epoch, epoch + 1) if per_epoch else range(self.cfg.max_epochs)
         indices = self._used_indices(iteration, epochs)
-        prompts = [list(self.train_dataset[i]["prompt_ids"]) for i in indices]
+        items = [self.train_dataset[i] for i in indices]
+        prompts = [list(it["prompt_ids"]) for it in items]
 
+        # cached decoding also returns the reference's log-probs of both answers (no second pass)
         t0 = time.perf_counter()
         with self._autocast():
             gens = generate(
@@ -243,9 +246,14 @@ class SPINTrainer:
                 batch_size=self.model_cfg.spin.rollout_micro_batch_size,
                 generator_seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
                 show_progress=True,
+                answers=[list(it["answer_ids"]) for it in items] if supports_cached_decoding(self.reference.module) else None,
             )
         t1 = time.perf_counter()
-        ref_act, ref_gen = self._reference_logprobs(indices, gens.ids)
+        if gens.answer_logps is not None:
+            ref_act, ref_gen = torch.tensor(gens.answer_logps), torch.tensor(gens.logps)
+            t1 -= gens.answer_seconds  # report the answer scoring as reference time
+        else:
+            ref_act, ref_gen = self._reference_logprobs(indices, gens.ids)
         t2 = time.perf_counter()
 
         rollouts = {

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from spinlm.model.decoding import decode_batch, supports_cached_decoding
 from spinlm.model.loading import unwrap
 
 
@@ -41,6 +42,10 @@ class Generations:
 
     ids: list[list[int]]
     truncated: list[bool]  # True when cut off by max_length before any stop
+    # the sampling model's own log-probs (cached decoding only; None from HF generate):
+    logps: list[float] | None = None  # sum log p(answer | prompt) of each sampled answer
+    answer_logps: list[float] | None = None  # sum log p(given answer | prompt), when `answers` were passed
+    answer_seconds: float = 0.0  # time spent scoring the given answers
 
     @property
     def lengths(self) -> list[int]:
@@ -154,6 +159,8 @@ def generate(
     batch_size: int = 32,
     generator_seed: int | None = None,
     show_progress: bool = False,
+    answers: list[list[int]] | None = None,
+    cached_decoding: bool | None = None,
 ) -> Generations:
     """Sample one answer per prompt, batch by batch as `plan_batches` groups them.
 
@@ -169,15 +176,43 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     config = build_generation_config(params, stop_ids, pad_id, stop_strings)
     batches = plan_batches(prompts, batch_size)
-    answers: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    if cached_decoding is None:
+        cached_decoding = supports_cached_decoding(model)
+    if answers is not None and not cached_decoding:
+        raise ValueError("generate: scoring `answers` needs cached decoding")
+    out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    logps: list[float] = [0.0] * len(prompts)
+    answer_logps: list[float] = [0.0] * len(prompts)
+    answer_seconds = 0.0
     stop_set = set(stop_ids)
     with _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
         for b, batch in enumerate(tqdm(batches, desc="Generating", disable=not show_progress)):
             with _seeded(batch_seed(generator_seed, b), model):
-                new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
-            for i, row in zip(batch, new_tokens):
-                answers[i] = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
-    return Generations(ids=[a[0] for a in answers], truncated=[a[1] for a in answers])
+                if cached_decoding:
+                    decoded = decode_batch(
+                        model, [prompts[i] for i in batch], pad_id=pad_id, stop_ids=stop_ids,
+                        max_new_tokens=params.max_length, min_new_tokens=params.min_length,
+                        greedy=params.use_greedy, temperature=params.temperature, top_k=params.top_k,
+                        top_p=params.top_p, repetition_penalty=params.repetition_penalty,
+                        stop_check=(lambda t: _completes_stop_string(t, stop_strings, tokenizer)) if stop_strings else None,
+                        answers=None if answers is None else [answers[i] for i in batch],
+                    )
+                    new_tokens = decoded.tokens
+                    answer_seconds += decoded.answer_seconds
+                else:
+                    new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
+            for k, (i, row) in enumerate(zip(batch, new_tokens)):
+                out[i] = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
+                if cached_decoding:
+                    logps[i] = sum(decoded.token_logps[k][: len(out[i][0])])
+                    if answers is not None:
+                        answer_logps[i] = decoded.answer_logps[k]
+    return Generations(
+        ids=[a[0] for a in out], truncated=[a[1] for a in out],
+        logps=logps if cached_decoding else None,
+        answer_logps=answer_logps if answers is not None else None,
+        answer_seconds=answer_seconds,
+    )
 
 
 def _generate_batch(
