@@ -172,3 +172,29 @@ def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory,
     assert f"max_time at step {trainer.step}: saved" in caplog.text
     assert (trainer.logger.run_dir / "checkpoints" / f"step_{trainer.step:06d}").is_dir()
     assert signal.getsignal(signal.SIGALRM) is not trainer.stop_signals._handle_deadline
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "drop manifest", "corrupt rollouts"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cfg_factory, caplog, damage):
+    cfg = cfg_factory("exp_manager.checkpoint_callback_params.save_top_k=-1")
+    first = build_trainer(cfg)
+    first.fit()
+    expected = params_vector(first.policy)
+    checkpoints = first.logger.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step_{s:06d}" for s in (2, 4, 6, 8)]
+    newest = checkpoints / "step_000008"
+    if damage == "truncate weights":
+        weights = newest / "policy.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (newest / "manifest.json").unlink()
+    if damage == "corrupt rollouts":  # the generations step 6 would reuse; they are made again, identically
+        (first.logger.run_dir / "rollouts" / "iter_1.jsonl").write_text('{"index": 0, "generated_ids": [1, 2\n')
+    with caplog.at_level(logging.WARNING):
+        resumed = build_trainer(cfg)
+        assert resumed.step == 6
+        resumed.fit()
+    assert "step_000008 is incomplete or corrupt; trying the previous one" in caplog.text
+    if damage == "corrupt rollouts":
+        assert "iter_1.jsonl is unreadable" in caplog.text
+    assert torch.equal(params_vector(resumed.policy), expected)

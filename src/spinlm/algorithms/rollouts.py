@@ -8,10 +8,13 @@ written atomically, one line per training sample.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from spinlm.utils.checkpoint import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,15 +36,21 @@ class RolloutStore:
         return self.directory / f"{name}.jsonl"
 
     def load(self, iteration: int, epoch: int | None) -> dict[int, Rollout] | None:
+        """The stored set, or None when there is none or it is unreadable (then it is made again:
+        generation is seeded, so the new set equals the lost one)."""
         path = self.path(iteration, epoch)
         if not path.exists():
             return None
         out: dict[int, Rollout] = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            out[row["index"]] = Rollout(
-                row["generated_ids"], row["truncated"], row["ref_logp_actual"], row["ref_logp_generated"]
-            )
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                out[row["index"]] = Rollout(
+                    row["generated_ids"], row["truncated"], row["ref_logp_actual"], row["ref_logp_generated"]
+                )
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("%s is unreadable (%s); generating this set again", path, err)
+            return None
         return out
 
     def save(self, iteration: int, epoch: int | None, rollouts: dict[int, Rollout], texts: dict[int, str]) -> Path:
