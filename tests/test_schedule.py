@@ -134,3 +134,23 @@ def test_build_optimizer_constant_schedule():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1e-3] * 5)
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_default_update():
+    from spinlm.train import adamw
+
+    torch.manual_seed(0)
+    a = nn.Linear(16, 8)
+    b = nn.Linear(16, 8)
+    b.load_state_dict(a.state_dict())
+    fused = adamw(list(a.parameters()), lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+    plain = torch.optim.AdamW(list(b.parameters()), lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+    assert fused.param_groups[0]["fused"]
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
