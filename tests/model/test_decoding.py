@@ -29,6 +29,12 @@ def test_tiny_model_supports_cached_decoding(model):
     assert supports_cached_decoding(model)
 
 
+def test_sliding_window_models_fall_back(tokenizer):
+    model = build_tiny_model(tokenizer)
+    model.config.sliding_window = 16
+    assert not supports_cached_decoding(model)
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_equals_hf_generate(model, tokenizer, prompts, penalty):
     if penalty != 1.0:  # HF penalises the pad id of left-padded rows; equal lengths avoid padding

@@ -42,7 +42,13 @@ def supports_cached_decoding(model: nn.Module) -> bool:
     except ImportError:
         return False
     params = inspect.signature(model.forward).parameters
-    return ("cache" in params or "past_key_values" in params) and "logits_to_keep" in params and "position_ids" in params
+    if not (("cache" in params or "past_key_values" in params) and "logits_to_keep" in params and "position_ids" in params):
+        return False
+    # the answer scoring copies rows of a plain (full-attention) KV cache; sliding-window or
+    # recurrent layers keep other state: those models use HF generate and a separate reference pass
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return not getattr(config, "sliding_window", None) and all(t == "full_attention" for t in layer_types)
 
 
 def _cache_kwarg(model: nn.Module) -> str:
