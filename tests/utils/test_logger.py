@@ -119,3 +119,19 @@ def test_run_timer_counts_from_start():
     assert not t.is_finished()
     time.sleep(0.06)
     assert t.is_finished()
+
+
+def test_rewind_hides_redone_steps_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = RunLogger(tmp_path)
+    for step in range(1, 6):
+        logger.log_metrics({"train/loss": float(step)}, step)
+    logger.rewind(2)
+    for step in (3, 4):
+        logger.log_metrics({"train/loss": 10.0 * step}, step)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert scalars == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spinlm.utils.checkpoint import atomic_write_text
+
 
 class RunLogger:
     """Appends metrics to the run directory; on resume, rows after the checkpoint's step are dropped."""
@@ -17,11 +19,12 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._tb = self._writer() if tensorboard else None
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+    def _writer(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     def rewind(self, step: int) -> None:
         """Forget rows logged after `step` (they belong to work a resume will redo)."""
@@ -30,7 +33,10 @@ class RunLogger:
                 continue
             rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             kept = [line for line in rows if _row_step(line) <= step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            atomic_write_text(path, "".join(line + "\n" for line in kept))  # a kill here loses nothing
+        if self._tb is not None:  # TensorBoard hides the events of the steps that will be redone
+            self._tb.close()
+            self._tb = self._writer(purge_step=step + 1)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
