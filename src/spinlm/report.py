@@ -134,6 +134,7 @@ def plot(metrics: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     train = [r for r in metrics if "train/loss" in r]
     steps = [r["step"] for r in train]
@@ -168,6 +169,15 @@ def plot(metrics: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
         ax.set_title(title)
         ax.set_xlabel("SPIN iteration (0 = start model)")
         ax.set_xticks(its)
+        ax.margins(x=0.1, y=0.2)
+        if key == "accuracy":
+            style = [r["answer_style"] for r in evals]
+            if all(v is not None for v in style):
+                ax.plot(its, style, linestyle="--", marker="x", color="grey", label="replies saying 'answer is'")
+                ax.plot([], [], marker="o", color="C0", label="exact-match accuracy")
+                ax.legend(fontsize=8)
+            ax.set_ylim(0, 1.05)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     fig.suptitle("SPIN run: dotted lines mark iteration ends")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
