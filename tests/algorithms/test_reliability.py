@@ -198,3 +198,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cfg_factory, c
     if damage == "corrupt rollouts":
         assert "iter_1.jsonl is unreadable" in caplog.text
     assert torch.equal(params_vector(resumed.policy), expected)
+
+
+def test_resume_with_a_different_batch_layout_is_refused(cfg_factory):
+    from spinlm.errors import CheckpointError
+
+    build_trainer(cfg_factory("trainer.spin.max_steps=2")).fit()
+    with pytest.raises(CheckpointError, match=r"model.global_batch_size was 4, now 8; .*steps per epoch was 2, now 1"):
+        build_trainer(cfg_factory("model.global_batch_size=8", "trainer.spin.limit_train_batches=1"))

@@ -28,7 +28,7 @@ from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.loading import export_hf
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.reference import ReferencePolicy
-from spinlm.utils.checkpoint import Checkpointer
+from spinlm.utils.checkpoint import Checkpointer, check_same_layout
 from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
 from spinlm.utils.logger import RunLogger, RunTimer
 from spinlm.utils.signals import StopRequested, StopSignals
@@ -176,7 +176,8 @@ class SPINTrainer:
                         is_last = self.step >= self.max_steps
                         stop = None if is_last else self._stop_reason()
                         if self.step % self.val_check_interval == 0 or is_last or stop == "max_time":
-                            self.run_validation()
+                            with oom_guard("validation", {"micro batch": self.micro_batch_size}, _STEP_KEYS):
+                                self.run_validation()
                             self._log_samples(batch)
                         if self.step % self.cfg.save_interval == 0 or is_last or stop:
                             self.save()
@@ -433,9 +434,18 @@ class SPINTrainer:
             "epoch": self.epoch,
             "iteration": self.iteration,
             "val_loss": self.last_val_loss,
+            "layout": self._layout(),
         }
 
+    def _layout(self) -> dict[str, Any]:
+        """What fixes the data position of a step: a resume under other values would silently differ."""
+        return {"model.global_batch_size": self.global_batch_size, "model.seed": self.model_cfg.seed,
+                "training samples": len(self.train_dataset), "steps per epoch": self.steps_per_epoch,
+                "trainer.spin.max_epochs": self.cfg.max_epochs,
+                "model.data.train_ds.shuffle": bool(self.model_cfg.data.train_ds.shuffle)}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_same_layout(state.get("layout"), self._layout())
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.last_val_loss = state.get("val_loss")

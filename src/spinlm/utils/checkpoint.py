@@ -65,6 +65,19 @@ def refuse_non_finite(module: nn.Module, what: str) -> None:
             raise CheckpointError(f"refusing to save {what}: parameter {name} holds NaN/inf values")
 
 
+def check_same_layout(saved: dict | None, current: dict) -> None:
+    """CheckpointError when the run's data layout differs from the checkpoint's (old checkpoints: no check)."""
+    if not saved:
+        return
+    changed = [f"{key} was {saved[key]!r}, now {value!r}" for key, value in current.items()
+               if key in saved and saved[key] != value]
+    if changed:
+        raise CheckpointError(
+            f"the checkpoint does not match this run ({'; '.join(changed)}): resume with the config and data it "
+            "was written with, or start in a new exp_manager.explicit_log_dir"
+        )
+
+
 def _test_delay() -> None:
     delay = os.environ.get("SPINLM_TEST_SAVE_DELAY")
     if delay:
