@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 import spinlm
 from spinlm.config import (
+    check_num_nodes,
     kl_penalty_for_iteration,
     load_config,
     parse_max_time,
@@ -322,6 +323,7 @@ def test_validate_needs_restore_path(valid_overrides):
         ("model.data.chat=false", "model.data.chat"),
         ("trainer.max_time=1:00:00", "trainer.max_time"),
         ("model.global_batch_size=63", "model.global_batch_size"),  # with micro_batch_size=2 below
+        ("trainer.strategy=deepspeed", "trainer.strategy"),
     ],
 )
 def test_validate_rejects_via_overrides(valid_overrides, override, key):
@@ -341,6 +343,17 @@ def test_validate_global_batch_vs_world_size(valid_cfg):
     valid_cfg.model.global_batch_size = 0
     with pytest.raises(ConfigError, match=r"model\.global_batch_size"):
         validate(valid_cfg)
+
+
+def test_launch_checks_devices_and_nodes(valid_cfg):
+    valid_cfg.trainer.devices = 4
+    valid_cfg.trainer.num_nodes = 2
+    validate(valid_cfg, world_size=8)
+    with pytest.raises(ConfigError, match=r"trainer\.devices .* must equal the processes launched \(2 processes\)"):
+        validate(valid_cfg, world_size=2)
+    check_num_nodes(valid_cfg, 2)
+    with pytest.raises(ConfigError, match=r"trainer\.num_nodes \(2\) must equal the nodes launched \(1"):
+        check_num_nodes(valid_cfg, 1)
 
 
 def test_validate_kl_list_long_enough_is_fine(valid_cfg):

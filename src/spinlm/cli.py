@@ -45,8 +45,12 @@ def _train(argv: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     from spinlm.train import run
+    from spinlm.utils.distributed import destroy_distributed
 
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        destroy_distributed()  # torchrun ranks leave the process group together
     return 0
 
 

@@ -222,8 +222,18 @@ def kl_penalty_for_iteration(penalty: float | Sequence[float], iteration: int) -
 
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
 SCHEDULERS = ("CosineAnnealing", "Constant")
+
+
+def check_num_nodes(cfg: DictConfig, launched_nodes: int) -> None:
+    """trainer.num_nodes against the nodes torchrun launched (WORLD_SIZE / LOCAL_WORLD_SIZE)."""
+    if cfg.trainer.num_nodes != launched_nodes:
+        raise ConfigError(
+            f"config: trainer.num_nodes ({cfg.trainer.num_nodes}) must equal the nodes launched ({launched_nodes}, "
+            "torchrun --nnodes); set trainer.num_nodes to match"
+        )
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
@@ -274,6 +284,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(sp.temperature > 0, "model.spin.sampling_params.temperature", "must be > 0")
     need(0 < sp.top_p <= 1, "model.spin.sampling_params.top_p", "must be in (0, 1]")
     need(sp.top_k >= 0, "model.spin.sampling_params.top_k", "must be >= 0")
+    need(cfg.trainer.strategy in STRATEGIES, "trainer.strategy",
+         f"must be one of {STRATEGIES}, got {cfg.trainer.strategy!r}")
     devices = cfg.trainer.devices
     if isinstance(devices, int):
         launched = f"{world_size} process{'es' if world_size > 1 else ''}"

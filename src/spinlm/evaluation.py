@@ -39,6 +39,7 @@ from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.logprobs import masked_sum_logprobs
+from spinlm.utils.distributed import info
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,10 @@ class HeldOutEvaluator:
                  autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
         t0 = time.perf_counter()
         result = evaluate(model, self.tokenizer, self.items, self.end_strings, self.max_new_tokens,
-                          self.batch_size, autocast, show_progress=True)
+                          self.batch_size, autocast, show_progress=info().is_main)
         seconds = time.perf_counter() - t0
-        write_records(self.out_dir / f"iter_{completed_iterations}.jsonl", result.records)
+        if info().is_main:  # every rank evaluates the same items (same answers); one writes
+            write_records(self.out_dir / f"iter_{completed_iterations}.jsonl", result.records)
         log.info("after %d iteration(s): %s (%.0fs)", completed_iterations, result.summary(), seconds)
         return {**result.metrics(), "eval/iteration": completed_iterations, "timing/eval_s": seconds}
 

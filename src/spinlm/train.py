@@ -13,14 +13,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from spinlm.algorithms.rollouts import RolloutStore
 from spinlm.algorithms.spin import SPINTrainer, count_steps
-from spinlm.config import parse_max_time
+from spinlm.config import check_num_nodes, parse_max_time
 from spinlm.errors import ConfigError
 from spinlm.evaluation import HeldOutEvaluator
+from spinlm.model import parallel
 from spinlm.model.loading import load_model
 from spinlm.model.reference import ReferencePolicy
 from spinlm.preflight import prepare
 from spinlm.report import write_report
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
+from spinlm.utils.distributed import broadcast_from_main, init_distributed
 from spinlm.utils.logger import RunLogger, RunTimer
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(accelerator: str) -> torch.device:
+def pick_device(accelerator: str, local_rank: int = 0) -> torch.device:
+    """This rank's device: CUDA device `local_rank` (one GPU per process, as torchrun starts them) or the CPU."""
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("config: trainer.accelerator=gpu but no CUDA device is available")
-        return torch.device("cuda")
-    if accelerator == "cpu":
+        return torch.device("cuda", local_rank)
+    if accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", local_rank)
 
 
 def cosine_annealing(step: int, max_steps: int, warmup_steps: int, constant_steps: int, min_ratio: float) -> float:
@@ -86,20 +89,30 @@ def build_optimizer(cfg: DictConfig, policy: torch.nn.Module, max_steps: int):
 
 def build_trainer(cfg: DictConfig) -> SPINTrainer:
     """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked."""
-    device = pick_device(cfg.trainer.accelerator)
-    prep = prepare(cfg)  # config, paths and data checked before the weights load
+    launch = init_distributed(cfg.trainer.accelerator)  # torchrun's process group; world size 1 without it
+    device = pick_device(cfg.trainer.accelerator, launch.local_rank)
+    prep = prepare(cfg, launch.world_size)  # config, paths and data checked before the weights load
+    check_num_nodes(cfg, launch.num_nodes)
+    strategy = parallel.resolve_strategy(cfg.trainer.strategy, launch.world_size)
     evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
     seed_everything(cfg.model.seed)
     policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer)
-    policy.to(device)
-    reference = ReferencePolicy(policy)
+    reference = ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
+    policy = parallel.wrap_policy(policy, strategy, device)
+    reference.module = parallel.place_reference(reference.module, strategy, device)
+    if launch.rank > 0:
+        torch.manual_seed(cfg.model.seed + 1_000_003 * launch.rank)  # own dropout stream; rank 0 as 1 process
+    if launch.is_distributed:
+        log.info("%d processes on %d node(s), strategy %s, backend %s", launch.world_size, launch.num_nodes,
+                 strategy, torch.distributed.get_backend())
 
     run_dir = Path(cfg.exp_manager.explicit_log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    if launch.is_main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     ckpt = cfg.exp_manager.checkpoint_callback_params
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
-    logger = RunLogger(run_dir)
+    logger = RunLogger(run_dir, active=launch.is_main)
     _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
     trainer = SPINTrainer(
@@ -109,7 +122,8 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         end_strings=prep.renderer.end_strings, evaluator=evaluator,
     )
 
-    latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists else None
+    latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists and launch.is_main else None
+    latest = broadcast_from_main(latest)  # every rank resumes the checkpoint rank 0 verified
     if latest is not None:
         trainer.restore(latest)
     elif cfg.exp_manager.resume_if_exists and not cfg.exp_manager.resume_ignore_no_checkpoint:

@@ -90,7 +90,7 @@ def test_out_of_memory_in_generation_is_reported(cfg_factory, monkeypatch):
     def oom(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes")
 
-    monkeypatch.setattr(spin_module, "generate", oom)
+    monkeypatch.setattr(spin_module, "generate_sharded", oom)
     trainer = build_trainer(cfg_factory())
     with pytest.raises(TrainingError, match=r"out of memory during generation / reference log-probs \(rollout batch 8, "
                                             r"log-prob batch 4, max prompt len \d+, max new tokens 24\); lower "
@@ -132,7 +132,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(cfg_factory, monkeyp
 
 def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch, caplog):
     trainer = build_trainer(cfg_factory())
-    real = spin_module.generate
+    real = spin_module.generate_sharded
     calls = []
 
     def generate(*args, **kwargs):
@@ -141,7 +141,7 @@ def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(spin_module, "generate", generate)
+    monkeypatch.setattr(spin_module, "generate_sharded", generate)
     with caplog.at_level(logging.WARNING):
         trainer.fit()
     assert trainer.step == 4

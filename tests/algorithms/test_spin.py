@@ -133,8 +133,8 @@ def test_reference_changes_at_iteration_ends_only(cfg_factory, monkeypatch):
 
 def test_generates_once_per_iteration_and_reuses_on_disk(cfg_factory, monkeypatch):
     calls = []
-    real = spin_module.generate
-    monkeypatch.setattr(spin_module, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = spin_module.generate_sharded
+    monkeypatch.setattr(spin_module, "generate_sharded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     cfg = cfg_factory()
     run(cfg)
     assert len(calls) == 2

@@ -10,6 +10,7 @@ from spinlm.errors import ConfigError
 from spinlm.model import parallel
 from spinlm.model.loading import unwrap
 from spinlm.utils.distributed import broadcast_from_main
+from spinlm.utils.guards import clip_checked
 from spinlm.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
@@ -48,7 +49,7 @@ def _train_steps(model, optimizer, rows, world, rank, steps=2):
         optimizer.zero_grad()
         loss = model(input_ids=mine).logits.float().logsumexp(-1).mean()
         loss.backward()
-        parallel.clip_grad_norm(list(model.parameters()), 1.0)
+        clip_checked(model, 1.0)
         optimizer.step()
 
 
@@ -104,9 +105,21 @@ def _assert_close(a, b, atol=1e-5):
         assert torch.allclose(a[k], b[k], atol=atol), k
 
 
-@pytest.mark.parametrize("strategy,tie", [("ddp", False), ("fsdp", True)])
-def test_two_ranks_match_one_process_and_state_dicts_move_between_strategies(tmp_path, strategy, tie):
-    r0, r1 = run_ranks(_strategy_run, 2, tmp_path, strategy, tie)
+CASES = [("ddp", False), ("fsdp", True)]  # FSDP2 with tied embeddings (as SmolLM2)
+
+
+def _all_cases(rank):
+    return {case: _strategy_run(rank, *case) for case in CASES}  # one process pair: starting one costs ~10 s
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks(_all_cases, 2, tmp_path_factory.mktemp("ranks"))
+
+
+@pytest.mark.parametrize("strategy,tie", CASES)
+def test_two_ranks_match_one_process_and_state_dicts_move_between_strategies(two_ranks, strategy, tie):
+    r0, r1 = (r[(strategy, tie)] for r in two_ranks)
     first = r0["first"]
     assert first["sharded"] == (strategy == "fsdp")
     if strategy == "fsdp":

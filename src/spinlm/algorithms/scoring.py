@@ -43,27 +43,36 @@ def pair_logprobs(
     return logps[: len(prompts)], logps[len(prompts):]
 
 
+def plan_pair_batches(prompts: Sequence[Ids], actual: Sequence[Ids], generated: Sequence[Ids],
+                      micro_batch_size: int) -> list[list[int]]:
+    """Pair indices in micro batches of similar total length (less padding); a function of the lengths only."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + len(actual[i]) + len(generated[i]), i))
+    return [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
+
+
 @torch.no_grad()
 def reference_pair_logprobs(
     model: nn.Module, prompts: Sequence[Ids], actual: Sequence[Ids], generated: Sequence[Ids], pad_id: int,
-    micro_batch_size: int, autocast=None,
+    micro_batch_size: int, autocast=None, batch_ids: Sequence[int | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Reference sums for a whole generated set, in micro batches of pairs of similar length (less padding).
+    """Reference sums for a whole generated set, in the micro batches of `plan_pair_batches`.
 
-    The micro batches are a function of the lengths only, so the result is deterministic.
+    The micro batches are a function of the lengths only, so the result is deterministic. With
+    `batch_ids` only those micro batches are scored (the others stay 0); a None entry is a dummy
+    forward whose result is dropped (FSDP2 ranks must run the same number of forwards).
     """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    n = len(prompts)
-    order = sorted(range(n), key=lambda i: (len(prompts[i]) + len(actual[i]) + len(generated[i]), i))
-    act, gen = torch.zeros(n), torch.zeros(n)
-    for s in range(0, n, micro_batch_size):
-        idx = order[s:s + micro_batch_size]
+    plan = plan_pair_batches(prompts, actual, generated, micro_batch_size)
+    act, gen = torch.zeros(len(prompts)), torch.zeros(len(prompts))
+    for b in range(len(plan)) if batch_ids is None else batch_ids:
+        idx = plan[b] if b is not None else plan[0][:1]
         with autocast() if autocast is not None else contextlib.nullcontext():
             a, g = pair_logprobs(
                 model, [prompts[i] for i in idx], [actual[i] for i in idx], [generated[i] for i in idx], pad_id
             )
-        act[idx], gen[idx] = a.float().cpu(), g.float().cpu()
+        if b is not None:
+            act[idx], gen[idx] = a.float().cpu(), g.float().cpu()
     return act, gen
 
 

@@ -18,17 +18,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spinlm.algorithms.rollouts import Rollout, RolloutStore
-from spinlm.algorithms.scoring import batch_pairs, pair_logprobs, reference_pair_logprobs
+from spinlm.algorithms.scoring import batch_pairs, pair_logprobs
+from spinlm.algorithms.sharded import generate_sharded, local_rows, my_batches, reference_logprobs_sharded
 from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
 from spinlm.data.collate import spin_custom_collate
 from spinlm.errors import SpinlmError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from spinlm.loss import reward_metrics, spin_loss
-from spinlm.model.decoding import supports_cached_decoding
-from spinlm.model.generation import SamplingParams, generate
+from spinlm.model import parallel
+from spinlm.model.generation import SamplingParams
 from spinlm.model.loading import export_hf
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.reference import ReferencePolicy
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
+from spinlm.utils.distributed import (
+    all_gather_objects, all_reduce_sum, any_rank, barrier, broadcast_from_main, gather_rows, info,
+)
 from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
 from spinlm.utils.logger import RunLogger, RunTimer
 from spinlm.utils.signals import StopRequested, StopSignals
@@ -76,8 +80,9 @@ class SPINTrainer:
       - SIGTERM/SIGINT: finish the step (or abandon a generation in progress), save, return;
       - a NaN/inf loss or gradient stops the run before the optimizer step (or skips the step,
         `trainer.spin.skip_non_finite_steps`); an out-of-memory error names the sizes and keys.
-    Assumes: one process (multi-process training is a later extension), chat data rendered
-    by `spinlm.data`, right-padded batches.
+      - one process, or torchrun ranks with DDP or FSDP2 (`spinlm.algorithms.sharded` splits the
+        work; results match one process); rank 0 alone writes files and logs.
+    Assumes: chat data rendered by `spinlm.data`, right-padded batches.
     """
 
     def __init__(
@@ -148,7 +153,8 @@ class SPINTrainer:
         A stop (SIGTERM/SIGINT, or max_time, which also validates) ends the step in progress, saves
         and returns without the final export; the same command then resumes."""
         self.run_timer.start()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="Training steps", dynamic_ncols=True)
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="Training steps", dynamic_ncols=True,
+                   disable=not info().is_main)
         stop = None  # why the run stops early: a signal's name or "max_time"
         with self.stop_signals:
             self.stop_signals.set_deadline(self.run_timer.max_seconds)
@@ -194,9 +200,9 @@ class SPINTrainer:
             self._finish()
 
     def _stop_reason(self) -> str | None:
-        if self.stop_signals.received:
-            return self.stop_signals.received
-        return "max_time" if self.run_timer.is_finished() else None
+        """Why to stop now; the ranks agree (the first rank's reason that has one)."""
+        reason = self.stop_signals.received or ("max_time" if self.run_timer.is_finished() else None)
+        return next((r for r in all_gather_objects(reason) if r), None)
 
     def _step_sizes(self, batch: dict[str, Tensor]) -> dict[str, int]:
         return {"micro batch": self.micro_batch_size, "global batch": batch["actual"].shape[0],
@@ -231,7 +237,7 @@ class SPINTrainer:
     def _rollouts_for(self, iteration: int, epoch: int) -> dict[int, Rollout]:
         per_epoch = bool(self.model_cfg.spin.regenerate_each_epoch)
         key_epoch = epoch if per_epoch else None
-        cached = self.rollouts.load(iteration, key_epoch)
+        cached = broadcast_from_main(self.rollouts.load(iteration, key_epoch) if info().is_main else None)
         if cached is not None:
             return cached
         epochs = range(epoch, epoch + 1) if per_epoch else range(self.cfg.max_epochs)
@@ -242,12 +248,11 @@ class SPINTrainer:
         # cached decoding also returns the reference's log-probs of both answers (no second pass)
         t0 = time.perf_counter()
         with self._autocast():
-            gens = generate(
+            gens = generate_sharded(
                 self.reference.module, self.tokenizer, prompts, self.sampling,
                 batch_size=self.model_cfg.spin.rollout_micro_batch_size,
                 generator_seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
-                show_progress=True,
-                answers=[list(it["answer_ids"]) for it in items] if supports_cached_decoding(self.reference.module) else None,
+                show_progress=True, answers=[list(it["answer_ids"]) for it in items],
             )
         t1 = time.perf_counter()
         if gens.answer_logps is not None:
@@ -261,8 +266,9 @@ class SPINTrainer:
             i: Rollout(ids, trunc, float(a), float(g))
             for i, ids, trunc, a, g in zip(indices, gens.ids, gens.truncated, ref_act.tolist(), ref_gen.tolist())
         }
-        texts = {i: self.tokenizer.decode(ids) for i, ids in zip(indices, gens.ids)}
-        self.rollouts.save(iteration, key_epoch, rollouts, texts)
+        if info().is_main:
+            texts = {i: self.tokenizer.decode(ids) for i, ids in zip(indices, gens.ids)}
+            self.rollouts.save(iteration, key_epoch, rollouts, texts)
         n_tokens = sum(gens.lengths)
         self._pending_timings = {
             "timing/generation_s": t1 - t0,
@@ -280,7 +286,7 @@ class SPINTrainer:
     def _reference_logprobs(self, indices: list[int], generated: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Reference log p(actual) and log p(generated) for a set, in length-sorted micro batches of pairs."""
         items = [self.train_dataset[i] for i in indices]
-        return reference_pair_logprobs(
+        return reference_logprobs_sharded(
             self.reference.module, [it["prompt_ids"] for it in items], [it["answer_ids"] for it in items],
             generated, self.eos_id, self.model_cfg.spin.log_prob_forward_micro_batch_size, self._autocast,
         )
@@ -312,11 +318,13 @@ class SPINTrainer:
         t0 = time.perf_counter()
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
+        batch = local_rows(batch)  # this rank's rows; DDP/FSDP2 average the gradients over ranks
         n = batch["actual"].shape[0]
         losses, rew_act, rew_gen, pol_act, pol_gen = [], [], [], [], []
         for s in range(0, n, self.micro_batch_size):
             rows = slice(s, s + self.micro_batch_size)
-            with self._autocast():
+            # DDP all-reduces in the backward of the last micro batch only (its forward decides)
+            with self._autocast(), parallel.grad_sync(self.policy, enabled=s + self.micro_batch_size >= n):
                 logps_act, logps_gen = pair_logprobs(self.policy, *batch_pairs(batch, rows), self.eos_id)
             out = spin_loss(
                 logps_act, logps_gen,
@@ -325,7 +333,7 @@ class SPINTrainer:
                 self.beta, self.model_cfg.spin.loss_type,
             )
             loss = out.losses.sum() / n
-            if not torch.isfinite(loss):
+            if any_rank(not torch.isfinite(loss)):
                 non_finite(self.step + 1, f"the loss is {loss.item()}", self.skip_non_finite)
                 return self._skip_step(t0)
             loss.backward()
@@ -343,11 +351,13 @@ class SPINTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        losses, rew_act, rew_gen, pol_act, pol_gen = (  # the whole global batch, from every rank
+            gather_rows(torch.cat(t)).cpu() for t in (losses, rew_act, rew_gen, pol_act, pol_gen))
         metrics = {
-            "loss": torch.cat(losses).mean().item(),
-            **reward_metrics(torch.cat(rew_act).cpu(), torch.cat(rew_gen).cpu()),
-            "logps_actual_mean": torch.cat(pol_act).mean().item(),  # policy sum log p, as TRL's logps/chosen
-            "logps_generated_mean": torch.cat(pol_gen).mean().item(),
+            "loss": losses.mean().item(),
+            **reward_metrics(rew_act, rew_gen),
+            "logps_actual_mean": pol_act.mean().item(),  # policy sum log p, as TRL's logps/chosen
+            "logps_generated_mean": pol_gen.mean().item(),
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "beta": self.beta,
@@ -381,15 +391,17 @@ class SPINTrainer:
             return {}
         was_training = self.policy.training
         self.policy.eval()
+        mbs = self.micro_batch_size
+        chunks = [b[s:s + mbs] for b in self.val_batches for s in range(0, len(b), mbs)]
         total_nll, total_tokens = 0.0, 0
-        for batch_indices in self.val_batches:
-            for s in range(0, len(batch_indices), self.micro_batch_size):
-                items = [self.val_dataset[i] for i in batch_indices[s:s + self.micro_batch_size]]
-                b = spin_custom_collate(items, self.eos_id)
-                with self._autocast():
-                    logps = masked_sum_logprobs(self.policy, b["prompts_and_answers"].to(self.device), b["masks"].to(self.device))
+        for c in my_batches(len(chunks), parallel.needs_lockstep(self.policy)):
+            b = spin_custom_collate([self.val_dataset[i] for i in chunks[c if c is not None else 0]], self.eos_id)
+            with self._autocast():
+                logps = masked_sum_logprobs(self.policy, b["prompts_and_answers"].to(self.device), b["masks"].to(self.device))
+            if c is not None:  # None: a dummy forward, so FSDP2 ranks stay in step
                 total_nll -= logps.float().sum().item()
                 total_tokens += int(b["masks"].sum())
+        total_nll, total_tokens = all_reduce_sum([total_nll, total_tokens])
         self.policy.train(was_training)
         self.last_val_loss = total_nll / max(total_tokens, 1)
         metrics = {"val/loss": self.last_val_loss}
@@ -451,35 +463,41 @@ class SPINTrainer:
         self.last_val_loss = state.get("val_loss")
 
     def save(self) -> None:
+        """Full (unsharded) weights and name-keyed optimizer state, gathered from all ranks; rank 0 writes."""
         self._saved_step = self.step
-        self.checkpointer.save(
-            self.step,
-            modules={"policy": self.policy, "reference": self.reference.module},
-            states={
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            },
-            meta=self.state_dict(),
-        )
+        modules = {"policy": parallel.full_state_dict(self.policy),
+                   "reference": parallel.full_state_dict(self.reference.module)}
+        optimizer = parallel.full_optimizer_state_dict(self.policy, self.optimizer)
+        rng = all_gather_objects({"torch": torch.get_rng_state(),
+                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        if info().is_main:
+            states = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng}
+            self.checkpointer.save(self.step, modules=modules, states=states, meta=self.state_dict())
+        barrier()
 
     def restore(self, path) -> None:
         """Resume from a checkpoint directory written by `save`."""
-        states, meta = self.checkpointer.load(path, {"policy": self.policy, "reference": self.reference.module})
-        self.optimizer.load_state_dict(states["optimizer"])
+        states, meta = self.checkpointer.load(path, {})
+        parallel.load_full_state_dict(self.policy, self.checkpointer.weights(path, "policy"))
+        parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
+        parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
-        torch.set_rng_state(states["rng"]["torch"])
-        if states["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["rng"]["cuda"])
+        rng = states["rng"]  # one per rank; another world size continues each rank from rank 0's
+        rng = rng[info().rank] if len(rng) == info().world_size else rng[0]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.load_state_dict(meta)
         self.logger.rewind(self.step)
         log.info("resumed from %s at step %d (iteration %d, epoch %d)", path, self.step, self.iteration, self.epoch)
 
     def _finish(self) -> None:
         if self.save_hf_on_end:
-            out = export_hf(self.policy, self.tokenizer, self.logger.run_dir / "final")
-            log.info("final policy exported to %s (Hugging Face format)", out)
+            state = parallel.full_state_dict(self.policy)  # unsharded, gathered on rank 0
+            if info().is_main:
+                out = export_hf(self.policy, self.tokenizer, self.logger.run_dir / "final", state_dict=state)
+                log.info("final policy exported to %s (Hugging Face format)", out)
+            barrier()
 
     def _autocast(self):
         if self.precision == "bf16-mixed":

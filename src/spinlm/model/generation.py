@@ -10,11 +10,12 @@ sampled ids, cut after the stop token, with nothing appended to a truncated one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -168,6 +169,51 @@ def generate(
     was), so the same prompts, weights and seed regenerate identical answers: the trainer seeds
     per iteration so a resumed run regenerates what the interrupted one did.
     """
+    plan = plan_batches(prompts, batch_size)
+    rows, answer_seconds = generate_planned(
+        model, tokenizer, prompts, params, plan, range(len(plan)), generator_seed,
+        show_progress=show_progress, answers=answers, cached_decoding=cached_decoding,
+    )
+    return collect_generations(rows, len(prompts), answer_seconds)
+
+
+GeneratedRow = tuple[list[int], bool, "float | None", "float | None"]  # ids, truncated, logp, answer logp
+
+
+def collect_generations(rows: dict[int, GeneratedRow], n: int, answer_seconds: float = 0.0) -> Generations:
+    """`Generations` in prompt order from the rows of `generate_planned` (of one or several ranks)."""
+    ordered = [rows[i] for i in range(n)]
+    logps = [r[2] for r in ordered]
+    answer_logps = [r[3] for r in ordered]
+    return Generations(
+        ids=[r[0] for r in ordered], truncated=[r[1] for r in ordered],
+        logps=logps if ordered and logps[0] is not None else None,
+        answer_logps=answer_logps if ordered and answer_logps[0] is not None else None,
+        answer_seconds=answer_seconds,
+    )
+
+
+def generate_planned(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    plan: list[list[int]],
+    batch_ids: Sequence[int | None],
+    generator_seed: int | None = None,
+    synced_gpus: bool = False,
+    show_progress: bool = False,
+    answers: list[list[int]] | None = None,
+    cached_decoding: bool | None = None,
+) -> tuple[dict[int, GeneratedRow], float]:
+    """({prompt index: (ids, truncated, logp, answer logp)}, seconds scoring `answers`) for the
+    planned batches `batch_ids` of `plan`.
+
+    Batch b samples from seed `batch_seed(generator_seed, b)` wherever it runs. A None entry is
+    a dummy step (one prompt, answer dropped) for a rank with fewer batches than its peers when
+    every forward is a collective (FSDP2); `synced_gpus` (HF generate) keeps such ranks decoding
+    until all stop. Log-probs come with cached decoding only (None otherwise).
+    """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     model = unwrap(model)
@@ -175,19 +221,19 @@ def generate(
     stop_strings = _multi_token_end_strings(tokenizer, params.end_strings)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     config = build_generation_config(params, stop_ids, pad_id, stop_strings)
-    batches = plan_batches(prompts, batch_size)
     if cached_decoding is None:
         cached_decoding = supports_cached_decoding(model)
     if answers is not None and not cached_decoding:
         raise ValueError("generate: scoring `answers` needs cached decoding")
-    out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
-    logps: list[float] = [0.0] * len(prompts)
-    answer_logps: list[float] = [0.0] * len(prompts)
+    out: dict[int, GeneratedRow] = {}
     answer_seconds = 0.0
     stop_set = set(stop_ids)
-    with _eval_mode(model), _isolated_generation_config(model), torch.inference_mode():
-        for b, batch in enumerate(tqdm(batches, desc="Generating", disable=not show_progress)):
-            with _seeded(batch_seed(generator_seed, b), model):
+    # FSDP2 reuses its all-gather buffers after this call: inference tensors would poison them
+    no_grad = torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+    with _eval_mode(model), _isolated_generation_config(model), no_grad:
+        for b in tqdm(batch_ids, desc="Generating", disable=not show_progress):
+            batch = plan[b] if b is not None else plan[0][:1]
+            with _seeded(batch_seed(generator_seed, b if b is not None else 0), model):
                 if cached_decoding:
                     decoded = decode_batch(
                         model, [prompts[i] for i in batch], pad_id=pad_id, stop_ids=stop_ids,
@@ -200,19 +246,16 @@ def generate(
                     new_tokens = decoded.tokens
                     answer_seconds += decoded.answer_seconds
                 else:
-                    new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
+                    new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id,
+                                                 synced_gpus)
+            if b is None:
+                continue
             for k, (i, row) in enumerate(zip(batch, new_tokens)):
-                out[i] = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
-                if cached_decoding:
-                    logps[i] = sum(decoded.token_logps[k][: len(out[i][0])])
-                    if answers is not None:
-                        answer_logps[i] = decoded.answer_logps[k]
-    return Generations(
-        ids=[a[0] for a in out], truncated=[a[1] for a in out],
-        logps=logps if cached_decoding else None,
-        answer_logps=answer_logps if answers is not None else None,
-        answer_seconds=answer_seconds,
-    )
+                ids, truncated = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
+                logp = sum(decoded.token_logps[k][: len(ids)]) if cached_decoding else None
+                answer_logp = decoded.answer_logps[k] if cached_decoding and answers is not None else None
+                out[i] = (ids, truncated, logp, answer_logp)
+    return out, answer_seconds
 
 
 def _generate_batch(
@@ -221,6 +264,7 @@ def _generate_batch(
     prompts: list[list[int]],
     config: GenerationConfig,
     pad_id: int,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """Left-pad (decoder-only generate continues from the last column) and return the new tokens per row."""
     input_ids, attention_mask = _left_pad(prompts, pad_id, _model_device(model))
@@ -229,6 +273,7 @@ def _generate_batch(
         attention_mask=attention_mask,
         generation_config=config,
         tokenizer=tokenizer if config.stop_strings else None,
+        synced_gpus=synced_gpus,
     )
     return output[:, input_ids.shape[1] :].tolist()
 

@@ -93,14 +93,18 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save model (safetensors) + tokenizer to ``out_dir`` atomically, so a crash never leaves half a model."""
+def export_hf(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Save model (safetensors) + tokenizer to ``out_dir`` atomically, so a crash never leaves half a model.
+
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's full weights)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, out)
     except BaseException:

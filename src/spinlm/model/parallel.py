@@ -27,14 +27,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from spinlm.config import STRATEGIES
 from spinlm.errors import ConfigError
 from spinlm.model.loading import unwrap
 from spinlm.utils.distributed import info
-
-STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
@@ -103,14 +101,6 @@ def grad_sync(model: nn.Module, enabled: bool):
     if not enabled and isinstance(model, DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
-
-
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
-    """Global gradient norm before clipping, as a float; works on DTensor (FSDP2) gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 # ----- full state dicts --------------------------------------------------------------------

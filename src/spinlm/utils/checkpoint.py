@@ -18,12 +18,13 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
 
 from spinlm.errors import CheckpointError
 
@@ -58,9 +59,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def refuse_non_finite(module: nn.Module, what: str) -> None:
+def refuse_non_finite(module: nn.Module | Mapping[str, Tensor], what: str) -> None:
     """CheckpointError naming the first parameter holding NaN/inf: such weights are never written."""
-    for name, param in module.named_parameters():
+    named = module.named_parameters() if isinstance(module, nn.Module) else module.items()
+    for name, param in named:
         if not torch.isfinite(param.detach()).all():
             raise CheckpointError(f"refusing to save {what}: parameter {name} holds NaN/inf values")
 
@@ -84,6 +86,18 @@ def _test_delay() -> None:
         time.sleep(float(delay))
 
 
+def _without_shared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Drop later names of a tensor already present (tied weights); safetensors refuses shared memory."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
+
+
 class Checkpointer:
     """Saves and finds checkpoints in one directory; keeps the newest `keep_last` plus the best."""
 
@@ -94,7 +108,9 @@ class Checkpointer:
         self.mode = mode
         self._just_verified: Path | None = None  # latest()'s answer: load() need not hash it again
 
-    def save(self, step: int, modules: dict[str, nn.Module], states: dict[str, Any], meta: dict) -> Path:
+    def save(
+        self, step: int, modules: dict[str, nn.Module | Mapping[str, Tensor]], states: dict[str, Any], meta: dict
+    ) -> Path:
         """Write `step_{step}/` atomically: a temp dir, every file fsynced, the manifest last, one rename.
 
         Weights that are not finite are refused (CheckpointError) before anything is written; a save
@@ -119,9 +135,12 @@ class Checkpointer:
         return final
 
     @staticmethod
-    def _write(tmp: Path, modules: dict[str, nn.Module], states: dict[str, Any], meta: dict) -> None:
+    def _write(tmp: Path, modules: dict[str, nn.Module | Mapping[str, Tensor]], states: dict[str, Any], meta: dict) -> None:
         for name, module in modules.items():
-            save_model(module, str(tmp / f"{name}.safetensors"))
+            if isinstance(module, nn.Module):
+                save_model(module, str(tmp / f"{name}.safetensors"))
+            else:  # a full state dict (gathered from ranks): each tied tensor once, as save_model does
+                save_file(_without_shared(module), str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
         _test_delay()  # SPINLM_TEST_SAVE_DELAY: lets tests kill a process in the middle of a save
         for name, state in states.items():
             torch.save(state, tmp / f"{name}.pt")
@@ -171,6 +190,11 @@ class Checkpointer:
         }
         meta = json.loads((path / STATE).read_text(encoding="utf-8"))
         return states, meta
+
+    @staticmethod
+    def weights(path: Path, name: str) -> dict[str, Tensor]:
+        """The tensors of `{name}.safetensors` in a checkpoint (a tied weight appears under one name)."""
+        return load_file(str(path / f"{name}.safetensors"))
 
     def _metric(self, path: Path) -> float | None:
         try:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from spinlm.errors import TrainingError
 
@@ -37,20 +38,24 @@ def oom_guard(phase: str, numbers: dict[str, int], keys: tuple[str, ...]) -> Ite
 
 
 def first_non_finite_grad(module: nn.Module) -> str | None:
-    """Name of the first parameter whose gradient holds NaN/inf (the place a blow-up shows first)."""
+    """Name of the first parameter whose gradient holds NaN/inf (the place a blow-up shows first);
+    under FSDP2 this rank's shard of each gradient is checked."""
     for name, param in module.named_parameters():
-        if param.grad is not None and not torch.isfinite(param.grad).all():
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        if grad is not None and not torch.isfinite(grad).all():
             return name
     return None
 
 
 def clip_checked(module: nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Global gradient norm, measured BEFORE clipping; a non-finite norm is returned unclipped."""
+    """Global gradient norm, measured BEFORE clipping; a non-finite norm is returned unclipped.
+    FSDP2 (DTensor) gradients: the norm covers all shards; a plain tensor is returned."""
     params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if torch.isfinite(norm) and max_norm:
+    value = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if torch.isfinite(value) and max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    return value
 
 
 def non_finite(step: int, what: str, skip: bool) -> None:

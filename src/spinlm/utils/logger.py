@@ -12,14 +12,17 @@ from spinlm.utils.checkpoint import atomic_write_text
 
 
 class RunLogger:
-    """Appends metrics to the run directory; on resume, rows after the checkpoint's step are dropped."""
+    """Appends metrics to the run directory; on resume, rows after the checkpoint's step are dropped.
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    `active=False` (ranks other than 0 of a multi-process run) writes nothing: one writer per run."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, active: bool = True):
         self.run_dir = Path(run_dir)
+        self.active = active
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
-        self._tb = self._writer() if tensorboard else None
+        self._tb = self._writer() if tensorboard and active else None
 
     def _writer(self, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -28,6 +31,8 @@ class RunLogger:
 
     def rewind(self, step: int) -> None:
         """Forget rows logged after `step` (they belong to work a resume will redo)."""
+        if not self.active:
+            return
         for path in (self.metrics_path, self.samples_path):
             if not path.exists():
                 continue
@@ -39,6 +44,8 @@ class RunLogger:
             self._tb = self._writer(purge_step=step + 1)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -48,6 +55,8 @@ class RunLogger:
                     self._tb.add_scalar(key, value, step)
 
     def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        if not self.active:
+            return
         with open(self.samples_path, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, "table": name, **row}) + "\n")
