@@ -151,7 +151,7 @@ def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch
 
 
 def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory, monkeypatch, caplog):
-    real = spin_module.generate
+    real = spin_module.generate_sharded
     finished = []
 
     def generate(*args, **kwargs):
@@ -161,7 +161,7 @@ def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory,
         finished.append(1)
         return out
 
-    monkeypatch.setattr(spin_module, "generate", generate)
+    monkeypatch.setattr(spin_module, "generate_sharded", generate)
     cfg = cfg_factory("model.spin.regenerate_each_epoch=true", "trainer.max_time=00:00:00:02")
     trainer = build_trainer(cfg)
     with caplog.at_level(logging.WARNING):

@@ -3,8 +3,8 @@
 Every function plans the work exactly as one process does (the same generation batches with the
 same per-batch seeds, the same log-prob micro batches), deals whole batches round-robin to the
 ranks and gathers the results, so what comes out does not depend on the world size. Under FSDP2
-every forward is a collective: a rank with fewer batches than its peers runs dummy ones (results
-dropped) and generation decodes in sync (HF `synced_gpus`), so no rank waits forever.
+every forward is a collective: for scoring, a rank with fewer batches than its peers runs dummy
+ones (results dropped), so no rank waits forever; generation runs on the all-gathered model.
 With one process each function is the plain single-process computation.
 """
 
@@ -22,7 +22,7 @@ from spinlm.model.generation import (
     Generations, SamplingParams, collect_generations, generate_planned, plan_batches,
 )
 from spinlm.model.loading import unwrap
-from spinlm.model.parallel import needs_lockstep
+from spinlm.model.parallel import gathered, needs_lockstep
 from spinlm.utils.distributed import all_gather_objects, all_reduce_sum, info
 
 
@@ -43,17 +43,17 @@ def generate_sharded(
     """`generation.generate` with the planned batches dealt to the ranks; every rank gets all answers.
 
     `answers` are scored in the decoding pass when cached decoding runs (answer_logps, else None).
-    Under FSDP2 decoding runs through HF generate with `synced_gpus`: the cached decoder drops
-    finished rows and stops early, so ranks would leave the forward collectives at different steps.
+    Under FSDP2 the model is all-gathered for the call (`parallel.gathered`): each rank then decodes
+    its own batches with the same decoder as one process, and no forward is a collective.
     """
     plan = plan_batches(prompts, batch_size)
-    lockstep = needs_lockstep(model)
-    cached = not lockstep and supports_cached_decoding(unwrap(model))
-    rows, answer_seconds = generate_planned(
-        model, tokenizer, prompts, params, plan, my_batches(len(plan), lockstep), generator_seed,
-        synced_gpus=lockstep, show_progress=show_progress and info().is_main,
-        answers=answers if cached else None, cached_decoding=cached,
-    )
+    cached = supports_cached_decoding(unwrap(model))
+    with gathered(model):
+        rows, answer_seconds = generate_planned(
+            model, tokenizer, prompts, params, plan, my_batches(len(plan), lockstep=False), generator_seed,
+            show_progress=show_progress and info().is_main, answers=answers if cached else None,
+            cached_decoding=cached,
+        )
     merged: dict = {}
     for part in all_gather_objects(rows):
         merged.update(part)

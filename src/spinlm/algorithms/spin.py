@@ -157,7 +157,8 @@ class SPINTrainer:
                    disable=not info().is_main)
         stop = None  # why the run stops early: a signal's name or "max_time"
         with self.stop_signals:
-            self.stop_signals.set_deadline(self.run_timer.max_seconds)
+            # ranks would abandon a generation at different moments, inside collectives: not with torchrun
+            self.stop_signals.set_deadline(None if info().is_distributed else self.run_timer.max_seconds)
             try:
                 if self.step == 0:
                     self.evaluate_held_out()  # the start model

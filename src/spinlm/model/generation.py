@@ -201,7 +201,6 @@ def generate_planned(
     plan: list[list[int]],
     batch_ids: Sequence[int | None],
     generator_seed: int | None = None,
-    synced_gpus: bool = False,
     show_progress: bool = False,
     answers: list[list[int]] | None = None,
     cached_decoding: bool | None = None,
@@ -210,9 +209,7 @@ def generate_planned(
     planned batches `batch_ids` of `plan`.
 
     Batch b samples from seed `batch_seed(generator_seed, b)` wherever it runs. A None entry is
-    a dummy step (one prompt, answer dropped) for a rank with fewer batches than its peers when
-    every forward is a collective (FSDP2); `synced_gpus` (HF generate) keeps such ranks decoding
-    until all stop. Log-probs come with cached decoding only (None otherwise).
+    a dummy step (one prompt, answer dropped). Log-probs come with cached decoding only (None otherwise).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -246,8 +243,7 @@ def generate_planned(
                     new_tokens = decoded.tokens
                     answer_seconds += decoded.answer_seconds
                 else:
-                    new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id,
-                                                 synced_gpus)
+                    new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
             if b is None:
                 continue
             for k, (i, row) in enumerate(zip(batch, new_tokens)):
@@ -264,7 +260,6 @@ def _generate_batch(
     prompts: list[list[int]],
     config: GenerationConfig,
     pad_id: int,
-    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """Left-pad (decoder-only generate continues from the last column) and return the new tokens per row."""
     input_ids, attention_mask = _left_pad(prompts, pad_id, _model_device(model))
@@ -273,7 +268,6 @@ def _generate_batch(
         attention_mask=attention_mask,
         generation_config=config,
         tokenizer=tokenizer if config.stop_strings else None,
-        synced_gpus=synced_gpus,
     )
     return output[:, input_ids.shape[1] :].tolist()
 

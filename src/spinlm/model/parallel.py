@@ -15,7 +15,7 @@ model and for the optimizer (keyed by parameter name, not position). So a checkp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +93,26 @@ def place_reference(module: nn.Module, strategy: str, device: torch.device) -> n
 def needs_lockstep(model: nn.Module) -> bool:
     """FSDP2 forwards are collectives: every rank must run the same number of them."""
     return is_sharded(model) and info().is_distributed
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """FSDP2: every shard of `module` all-gathered for the duration (a full copy per rank, freed
+    after), so its forwards involve no collective and ranks may run different numbers of them
+    (generation: each rank decodes its own batches, stopping when they are done)."""
+    if not needs_lockstep(module):
+        yield
+        return
+    groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    module.set_reshard_after_forward(False)
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+        module.set_reshard_after_forward(True)
 
 
 def grad_sync(model: nn.Module, enabled: bool):
