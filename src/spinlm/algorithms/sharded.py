@@ -17,11 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from spinlm.algorithms.scoring import plan_pair_batches, reference_pair_logprobs
+from spinlm.data.collate import spin_custom_collate
 from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.generation import (
     Generations, SamplingParams, collect_generations, generate_planned, plan_batches,
 )
 from spinlm.model.loading import unwrap
+from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.parallel import gathered, needs_lockstep
 from spinlm.utils.distributed import all_gather_objects, all_reduce_sum, info
 
@@ -77,6 +79,26 @@ def reference_logprobs_sharded(
     return total[: len(prompts)], total[len(prompts):]
 
 
+@torch.no_grad()
+def answer_nll_sharded(
+    model: nn.Module, dataset, batches: list[list[int]], micro_batch_size: int, pad_id: int, autocast,
+) -> tuple[float, float]:
+    """(summed NLL, token count) of the ground-truth answers of `batches` (dataset indices), over all
+    ranks; micro batches dealt to the ranks (FSDP2: padded with dummy forwards)."""
+    chunks = [b[s:s + micro_batch_size] for b in batches for s in range(0, len(b), micro_batch_size)]
+    device = next(model.parameters()).device
+    nll, tokens = 0.0, 0
+    for c in my_batches(len(chunks), needs_lockstep(model)):
+        b = spin_custom_collate([dataset[i] for i in chunks[c if c is not None else 0]], pad_id)
+        with autocast():
+            logps = masked_sum_logprobs(model, b["prompts_and_answers"].to(device), b["masks"].to(device))
+        if c is not None:
+            nll -= logps.float().sum().item()
+            tokens += int(b["masks"].sum())
+    nll, tokens = all_reduce_sum([nll, tokens])
+    return nll, tokens
+
+
 def local_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """This rank's contiguous share of a global training batch (the batch size divides evenly)."""
     d = info()
@@ -84,3 +106,18 @@ def local_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return batch
     n = next(iter(batch.values())).shape[0] // d.world_size
     return {k: v[d.rank * n:(d.rank + 1) * n] for k, v in batch.items()}
+
+
+def rank_rng_states() -> list[dict]:
+    """Every rank's RNG state (dropout streams differ per rank), gathered for the checkpoint."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return all_gather_objects({"torch": torch.get_rng_state(), "cuda": cuda})
+
+
+def set_rank_rng_state(states: list[dict]) -> None:
+    """This rank's saved RNG state; under another world size every rank continues rank 0's."""
+    d = info()
+    state = states[d.rank] if len(states) == d.world_size else states[0]
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

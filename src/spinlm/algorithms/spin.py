@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 from spinlm.algorithms.rollouts import Rollout, RolloutStore
 from spinlm.algorithms.scoring import batch_pairs, pair_logprobs
-from spinlm.algorithms.sharded import generate_sharded, local_rows, my_batches, reference_logprobs_sharded
+from spinlm.algorithms.sharded import (
+    answer_nll_sharded, generate_sharded, local_rows, rank_rng_states, reference_logprobs_sharded, set_rank_rng_state,
+)
 from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
 from spinlm.data.collate import spin_custom_collate
 from spinlm.errors import SpinlmError, TrainingError  # noqa: F401 (TrainingError re-exported)
@@ -27,11 +29,10 @@ from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model import parallel
 from spinlm.model.generation import SamplingParams
 from spinlm.model.loading import export_hf
-from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.reference import ReferencePolicy
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
 from spinlm.utils.distributed import (
-    all_gather_objects, all_reduce_sum, any_rank, barrier, broadcast_from_main, gather_rows, info,
+    all_gather_objects, any_rank, barrier, broadcast_from_main, gather_rows, info,
 )
 from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
 from spinlm.utils.logger import RunLogger, RunTimer
@@ -392,17 +393,8 @@ class SPINTrainer:
             return {}
         was_training = self.policy.training
         self.policy.eval()
-        mbs = self.micro_batch_size
-        chunks = [b[s:s + mbs] for b in self.val_batches for s in range(0, len(b), mbs)]
-        total_nll, total_tokens = 0.0, 0
-        for c in my_batches(len(chunks), parallel.needs_lockstep(self.policy)):
-            b = spin_custom_collate([self.val_dataset[i] for i in chunks[c if c is not None else 0]], self.eos_id)
-            with self._autocast():
-                logps = masked_sum_logprobs(self.policy, b["prompts_and_answers"].to(self.device), b["masks"].to(self.device))
-            if c is not None:  # None: a dummy forward, so FSDP2 ranks stay in step
-                total_nll -= logps.float().sum().item()
-                total_tokens += int(b["masks"].sum())
-        total_nll, total_tokens = all_reduce_sum([total_nll, total_tokens])
+        total_nll, total_tokens = answer_nll_sharded(
+            self.policy, self.val_dataset, self.val_batches, self.micro_batch_size, self.eos_id, self._autocast)
         self.policy.train(was_training)
         self.last_val_loss = total_nll / max(total_tokens, 1)
         metrics = {"val/loss": self.last_val_loss}
@@ -469,8 +461,7 @@ class SPINTrainer:
         modules = {"policy": parallel.full_state_dict(self.policy),
                    "reference": parallel.full_state_dict(self.reference.module)}
         optimizer = parallel.full_optimizer_state_dict(self.policy, self.optimizer)
-        rng = all_gather_objects({"torch": torch.get_rng_state(),
-                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        rng = rank_rng_states()
         if info().is_main:
             states = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng}
             self.checkpointer.save(self.step, modules=modules, states=states, meta=self.state_dict())
@@ -483,11 +474,7 @@ class SPINTrainer:
         parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
         parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
-        rng = states["rng"]  # one per rank; another world size continues each rank from rank 0's
-        rng = rng[info().rank] if len(rng) == info().world_size else rng[0]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rank_rng_state(states["rng"])
         self.load_state_dict(meta)
         self.logger.rewind(self.step)
         log.info("resumed from %s at step %d (iteration %d, epoch %d)", path, self.step, self.iteration, self.epoch)
