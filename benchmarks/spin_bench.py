@@ -129,7 +129,7 @@ def run_baseline(model_dir: Path, data: Path, w: dict) -> dict:
     torch.manual_seed(COMMON["seed"])
 
     # generation: what a user writes
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     prompts = [ds[i]["prompt_ids"] for i in range(len(ds))]
     texts, n_tokens = [], 0
     tokenizer.padding_side = "left"
@@ -145,7 +145,7 @@ def run_baseline(model_dir: Path, data: Path, w: dict) -> dict:
             cut = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
             n_tokens += cut
             texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    t_gen = time.perf_counter() - t0
+    t_gen, c_gen = time.perf_counter() - t0, time.process_time() - c0
 
     rows = [{"prompt": m[:-1], "chosen": [m[-1]], "rejected": [{"role": "assistant", "content": t}]}
             for m, t in zip(messages, texts)]
@@ -177,14 +177,16 @@ def run_baseline(model_dir: Path, data: Path, w: dict) -> dict:
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
-    t_train = time.perf_counter() - t1
+    t_train, c_iter = time.perf_counter() - t1, time.process_time() - c0
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     flops = step_flops(lambda: trainer.training_step(trainer.model, batch))
     return {
         "generation_s": t_gen, "generated_tokens": n_tokens, "generation_tokens_per_s": n_tokens / t_gen,
-        "ref_logprobs_s": 0.0,  # inside each training step (TRL scores the reference per step)
+        "ref_logprobs_s": None,  # inside each training step (TRL scores the reference per step)
         "train_s": t_train, "train_steps": steps, "train_step_s": statistics.median(step_times),
         "train_step_flops": flops, "iteration_s": t_gen + t_train, "samples": len(rows),
+        "generation_cpu_s": c_gen, "iteration_cpu_s": c_iter,
+        "train_tokens_per_s": float(step_logs[-1].get("num_tokens", 0)) / sum(step_times),
         "first_step_loss": step_logs[0]["loss"], "first_step_logps_actual": step_logs[0].get("logps/chosen"),
         "peak_rss_gb": peak_rss_gb(),
     }
@@ -215,17 +217,18 @@ def run_spinlm(model_dir: Path, data: Path, w: dict) -> dict:
     ])
     trainer = build_trainer(cfg)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     steps, first, batches = [], None, []
     for batch in trainer.augment_dataloader(0, 0):
         if not batches:
             timings = dict(trainer._pending_timings)
+            c_gen = time.process_time() - c0
         metrics = trainer.train_single_step(batch)
         trainer.step += 1
         steps.append(metrics["step_time"])
         first = first or metrics
         batches.append(batch)
-    t_iter = time.perf_counter() - t0
+    t_iter, c_iter = time.perf_counter() - t0, time.process_time() - c0
     flops = step_flops(lambda: trainer.train_single_step(batches[0]))
     n_tokens = timings["timing/generation_tokens_per_s"] * timings["timing/generation_s"]
     return {
@@ -233,7 +236,11 @@ def run_spinlm(model_dir: Path, data: Path, w: dict) -> dict:
         "generation_tokens_per_s": timings["timing/generation_tokens_per_s"],
         "ref_logprobs_s": timings["timing/ref_logprobs_s"], "train_s": sum(steps), "train_steps": len(steps),
         "train_step_s": statistics.median(steps), "train_step_flops": flops, "iteration_s": t_iter,
+        "generation_cpu_s": c_gen, "iteration_cpu_s": c_iter,  # generation_cpu_s includes reference scoring
         "samples": len(trainer.train_dataset), "first_step_loss": first["loss"],
+        # prompt + answer tokens of both sequences of every pair (TRL's num_tokens counts the same)
+        "train_tokens_per_s": sum(int(b["actual_mask"].sum()) + int(b["generated_lengths"].sum())
+                                  + 2 * int(b["prompt_lengths"].sum()) for b in batches) / sum(steps),
         "first_step_logps_actual": first["logps_actual_mean"], "peak_rss_gb": peak_rss_gb(),
     }
 
@@ -250,6 +257,8 @@ def summarize(base: dict, ours: dict, rate: float, w: dict, meta: dict) -> dict:
         "peak_memory_ratio": ours["peak_rss_gb"] / base["peak_rss_gb"],
         "baseline_train_mfu": mfu(base),
         "train_step_time_ratio": ours["train_step_s"] / base["train_step_s"],
+        # CPU seconds (all threads) of the iteration: a second view that other load on the machine distorts less
+        "iteration_cpu_time_ratio": ours["iteration_cpu_s"] / base["iteration_cpu_s"],
         "matmul_flops_per_s": rate,
         "workload": w, "common": COMMON, "meta": meta,
         "baseline": base, "spinlm": ours,
@@ -261,6 +270,7 @@ def summarize(base: dict, ours: dict, rate: float, w: dict, meta: dict) -> dict:
 
 ROWS = [
     ("iteration wall time (s)", "iteration_s", "{:.1f}"),
+    ("iteration CPU time, all threads (s)", "iteration_cpu_s", "{:.1f}"),
     ("generation (s)", "generation_s", "{:.1f}"),
     ("generation tokens/s", "generation_tokens_per_s", "{:.1f}"),
     ("generated tokens", "generated_tokens", "{:d}"),
@@ -268,6 +278,7 @@ ROWS = [
     ("training (s)", "train_s", "{:.1f}"),
     ("train step, median (s)", "train_step_s", "{:.2f}"),
     ("train samples/s", "train_samples_per_s", "{:.2f}"),
+    ("train tokens/s (prompt + answer, both sequences)", "train_tokens_per_s", "{:.0f}"),
     ("train step GFLOP (counted)", "train_step_flops", "{:.2f}"),
     ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
     ("first-step loss", "first_step_loss", "{:.4f}"),
@@ -283,18 +294,40 @@ def markdown(r: dict) -> str:
         if key == "train_step_flops":
             bv, sv = bv / 1e9, sv / 1e9
         ratio = f"{sv / bv:.3f}" if isinstance(bv, (int, float)) and bv and key not in ("first_step_loss",) else ""
-        fmt_b = "-" if bv is None else fmt.format(bv)
+        fmt_b = ("in each step" if key == "ref_logprobs_s" else "-") if bv is None else fmt.format(bv)
         fmt_s = "-" if sv is None else fmt.format(sv)
         lines.append(f"| {label} | {fmt_b} | {fmt_s} | {ratio} |")
     lines += [
         "",
         f"- iteration_time_ratio **{r['iteration_time_ratio']:.3f}** (target <= 0.4)",
+        *([f"- iteration CPU-time ratio {r['iteration_cpu_time_ratio']:.3f} (less sensitive to other load on the machine)"]
+          if "iteration_cpu_time_ratio" in r else []),
         f"- generation_speedup **{r['generation_speedup']:.2f}x** (target >= 2)",
         f"- train_mfu **{r['train_mfu']:.3f}** (target >= 0.5; baseline {r['baseline_train_mfu']:.3f}); "
         f"fp32 torch.mm rate {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
         f"- peak_memory_ratio **{r['peak_memory_ratio']:.3f}** (target <= 0.7)",
     ]
     return "\n".join(lines)
+
+
+def results_page(r: dict, argv: list[str]) -> str:
+    m, w = r["meta"], r["workload"]
+    return "\n".join([
+        "# SPIN iteration benchmark: spinlm vs HF generate + TRL DPOTrainer",
+        "",
+        f"`python benchmarks/spin_bench.py {' '.join(argv)}` ({m['mode']} workload), {m['date']}.",
+        "",
+        f"- machine: {m['cpu']}, {m['threads']} threads; python {m['python']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}, trl {m['trl']}",
+        f"- model: `{Path(m['model']).name}`, fp32; data: {w['prompts']} prompts of the bundled task "
+        f"(`spinlm make-task`); {w['new_tokens']} new tokens max, temperature {r['common']['temperature']}, "
+        f"generation batch {w['gen_batch']}; global batch {w['global_batch']} "
+        f"({w['prompts'] // w['global_batch']} steps), beta {r['common']['beta']}, lr {r['common']['lr']} constant, "
+        f"max length {w['max_length']}; spinlm micro batch {w['micro_batch']} pairs",
+        "",
+        markdown(r),
+        "",
+    ])
 
 
 def child(args) -> None:
@@ -309,6 +342,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model, small workload (< 5 min)")
     p.add_argument("--out", default=None, help="write the JSON result here (default: print only)")
+    p.add_argument("--markdown", default=None, help="also write the table with date, machine and versions (RESULTS.md)")
     p.add_argument("--model", default=None, help="a Hugging Face model directory instead of the default")
     p.add_argument("--data", default=None, help="chat JSONL instead of the bundled task")
     p.add_argument("--prompts", type=int, default=None, help="number of prompts (default: per workload)")
@@ -367,6 +401,9 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"[spin_bench] wrote {args.out}")
+    if args.markdown:
+        Path(args.markdown).write_text(results_page(result, argv if argv is not None else sys.argv[1:]))
+        print(f"[spin_bench] wrote {args.markdown}")
     return 0
 
 
