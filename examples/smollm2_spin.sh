@@ -5,7 +5,7 @@
 #   2. make-task:     runs/smollm2-task/{train,validation,test}.jsonl (seeded; 100 held-out questions)
 #   3. train:         2 SPIN iterations of 64 prompts (examples/smollm2_spin.yaml), held-out evaluation
 #                     before training and after each iteration, then runs/smollm2-spin/report.{md,png}
-# About 12-15 minutes on 2 CPU cores. Extra arguments are Hydra overrides, e.g. model.optim.lr=1e-5.
+# About 10 minutes on 2 idle CPU cores. Extra arguments are Hydra overrides, e.g. model.optim.lr=1e-5.
 # Running it again resumes (or, when finished, just re-exports and re-reports) runs/smollm2-spin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
