@@ -109,14 +109,14 @@ def decode_batch(
     tokens: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
     for step in range(max_new_tokens):
-        raw_logps = torch.log_softmax(logits, dim=-1)
+        log_norm = torch.logsumexp(logits, dim=-1)  # of the raw logits: log p without a (B, V) log-softmax
         scores = _process(logits, history, step, stop, min_new_tokens, repetition_penalty)
         if greedy:
             chosen = scores.argmax(dim=-1)
         else:
             scores = _warp(scores, temperature, top_k, top_p)
             chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        chosen_logps = raw_logps.gather(1, chosen[:, None]).squeeze(1)
+        chosen_logps = logits.gather(1, chosen[:, None]).squeeze(1) - log_norm
         done = torch.isin(chosen, stop)
         for k, (row, tok, lp) in enumerate(zip(alive.tolist(), chosen.tolist(), chosen_logps.tolist())):
             tokens[row].append(tok)
