@@ -22,7 +22,7 @@ from spinlm.model.reference import ReferencePolicy
 from spinlm.preflight import prepare
 from spinlm.report import write_report
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
-from spinlm.utils.distributed import broadcast_from_main, init_distributed
+from spinlm.utils.distributed import broadcast_from_main, info, init_distributed
 from spinlm.utils.logger import RunLogger, RunTimer
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def run(cfg: DictConfig) -> SPINTrainer:
         trainer.fit()
     finally:
         trainer.logger.close()
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if info().is_main:
         table = write_report(trainer.logger.run_dir)
         log.info("report: %s", trainer.logger.run_dir / "report.md")
         print(table)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from spinlm.algorithms.scoring import plan_pair_batches, reference_pair_logprobs
+from spinlm.algorithms.scoring import reference_pair_logprobs
 from spinlm.data.collate import spin_custom_collate
 from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.generation import (
@@ -68,7 +68,7 @@ def reference_logprobs_sharded(
 ) -> tuple[Tensor, Tensor]:
     """`scoring.reference_pair_logprobs` with its micro batches dealt to the ranks, summed back exactly
     (every value comes from one rank; the others add 0)."""
-    n_batches = len(plan_pair_batches(prompts, actual, generated, micro_batch_size))
+    n_batches = math.ceil(len(prompts) / micro_batch_size)  # the number of plan_pair_batches' micro batches
     act, gen = reference_pair_logprobs(
         model, prompts, actual, generated, pad_id, micro_batch_size, autocast,
         batch_ids=my_batches(n_batches, needs_lockstep(model)),

@@ -353,8 +353,9 @@ class SPINTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        losses, rew_act, rew_gen, pol_act, pol_gen = (  # the whole global batch, from every rank
-            gather_rows(torch.cat(t)).cpu() for t in (losses, rew_act, rew_gen, pol_act, pol_gen))
+        # the whole global batch, from every rank: one gather of the five per-row columns
+        columns = torch.stack([torch.cat(t).float() for t in (losses, rew_act, rew_gen, pol_act, pol_gen)], dim=1)
+        losses, rew_act, rew_gen, pol_act, pol_gen = gather_rows(columns).cpu().unbind(dim=1)
         metrics = {
             "loss": losses.mean().item(),
             **reward_metrics(rew_act, rew_gen),

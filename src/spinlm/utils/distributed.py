@@ -124,16 +124,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
-    """The mean over ranks of each metric (every rank passes the same keys)."""
-    world = info().world_size
-    if world <= 1:
-        return dict(metrics)
-    keys = sorted(metrics)
-    sums = all_reduce_sum([metrics[k] for k in keys])
-    return {k: s / world for k, s in zip(keys, sums)}
-
-
 def gather_rows(local: Tensor) -> Tensor:
     """Concatenate every rank's rows in rank order (equal row counts on every rank), on every rank."""
     if not info().is_distributed:
@@ -161,10 +151,3 @@ def broadcast_from_main(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def shard_evenly(n_items: int, rank: int, world_size: int) -> range:
-    """The contiguous block of `n_items` rank `rank` owns (sizes differ by at most one)."""
-    base, extra = divmod(n_items, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
