@@ -27,18 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from spinlm.algorithms.sharded import answer_nll_sharded, generate_sharded
 from spinlm.data.answers import extract_answer
 from spinlm.data.chat import read_chat_jsonl
-from spinlm.data.collate import spin_custom_collate
 from spinlm.data.dataset import fit_to_length
 from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
-from spinlm.model.generation import SamplingParams, generate
-from spinlm.model.logprobs import masked_sum_logprobs
+from spinlm.model.generation import SamplingParams
 from spinlm.utils.distributed import info
 
 log = logging.getLogger(__name__)
@@ -87,16 +84,14 @@ def load_eval_items(
     """The first `limit` conversations of a chat JSONL file, rendered; long prompts keep their end."""
     if max_new_tokens >= max_seq_length:
         raise ConfigError(f"eval: max_new_tokens ({max_new_tokens}) must be below max_seq_length ({max_seq_length})")
-    conversations = read_chat_jsonl(path)[:limit]
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     items = []
-    for conv, line in zip(conversations, lines):
+    for conv in read_chat_jsonl(path)[:limit]:
         prompt, answer = renderer.render(conv)
         fitted = fit_to_length(prompt, answer, max_seq_length, max_seq_length - max_new_tokens, "truncate")
         if fitted is None:
             continue
         users = [t.content for t in conv.turns if t.role == "user"]
-        items.append(EvalItem(fitted[0], fitted[1], users[-1], conv.turns[-1].content, json.loads(line).get("skill", "")))
+        items.append(EvalItem(fitted[0], fitted[1], users[-1], conv.turns[-1].content, str(conv.extra.get("skill", ""))))
     return items
 
 
@@ -114,9 +109,10 @@ def evaluate(
     if not items:
         raise ConfigError("eval: no held-out conversation to evaluate")
     params = SamplingParams(use_greedy=True, end_strings=list(end_strings), max_length=max_new_tokens, min_length=1)
+    # generation and scoring are dealt to the ranks under torchrun, as the trainer's (one process: plain)
     with autocast():
-        gens = generate(model, tokenizer, [it.prompt_ids for it in items], params,
-                        batch_size=batch_size, show_progress=show_progress)
+        gens = generate_sharded(model, tokenizer, [it.prompt_ids for it in items], params, batch_size,
+                                generator_seed=None, show_progress=show_progress)
     records = []
     for item, ids, cut in zip(items, gens.ids, gens.truncated):
         reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -128,34 +124,24 @@ def evaluate(
     n = len(records)
     return EvalResult(
         accuracy=sum(r["correct"] for r in records) / n,
-        sft_loss=sft_loss(model, items, tokenizer.eos_token_id, batch_size, autocast, show_progress),
+        sft_loss=sft_loss(model, items, tokenizer.eos_token_id, batch_size, autocast),
         answer_style=sum("answer is" in r["reply"].lower() for r in records) / n,
         records=records,
     )
 
 
-@torch.no_grad()
-def sft_loss(
-    model: nn.Module, items: list[EvalItem], pad_id: int, batch_size: int = 16,
-    autocast: Callable[[], Any] = contextlib.nullcontext, show_progress: bool = False,
-) -> float:
-    """Token-mean NLL of the ground-truth answers (every answer token, including its end token)."""
+def sft_loss(model: nn.Module, items: list[EvalItem], pad_id: int, batch_size: int = 16,
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> float:
+    """Token-mean NLL of the ground-truth answers (every answer token, including its end token),
+    computed as the trainer's val/loss is."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    starts = range(0, len(items), batch_size)
     try:
-        for s in tqdm(starts, desc="Scoring", disable=not show_progress):
-            b = spin_custom_collate([{"prompt_ids": it.prompt_ids, "answer_ids": it.answer_ids}
-                                     for it in items[s:s + batch_size]], pad_id)
-            with autocast():
-                logps = masked_sum_logprobs(model, b["prompts_and_answers"].to(device), b["masks"].to(device))
-            total_nll -= logps.float().sum().item()
-            total_tokens += int(b["masks"].sum())
+        pairs = [{"prompt_ids": it.prompt_ids, "answer_ids": it.answer_ids} for it in items]
+        nll, tokens = answer_nll_sharded(model, pairs, [list(range(len(pairs)))], batch_size, pad_id, autocast)
     finally:
         model.train(was_training)
-    return total_nll / max(total_tokens, 1)
+    return nll / max(tokens, 1)
 
 
 class HeldOutEvaluator:

@@ -19,9 +19,10 @@ instead is an explicit option (`skip_bad`) that logs the count.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ class Conversation:
     turns: tuple[Turn, ...]
     system: str | None = None
     source: str = ""  # "path:line", so later stages can name the record in their errors
+    # the record's other top-level keys (e.g. the bundled task's "skill"), for evaluation reports
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 class _RecordError(Exception):
@@ -64,7 +67,7 @@ def read_chat_jsonl(path: str | Path, skip_bad: bool = False) -> list[Conversati
     path = Path(path)
     conversations: list[Conversation] = []
     skipped: list[str] = []
-    seen: dict[str, int] = {}  # record text -> first line, to report repeats
+    seen: dict[bytes, int] = {}  # digest of the record text -> first line, to report repeats
     repeats: list[tuple[int, int]] = []
     file_format: tuple[str, int] | None = None  # (format, line it was first seen on)
     for lineno, raw in _read_lines(path):
@@ -89,10 +92,11 @@ def read_chat_jsonl(path: str | Path, skip_bad: bool = False) -> list[Conversati
                 f"{where}: record uses the {record_format} format but line {file_format[1]} "
                 f"uses the {file_format[0]} format; a file must use one format throughout"
             )
-        key = text.strip()
+        key = hashlib.blake2b(text.strip().encode("utf-8"), digest_size=16).digest()
         if key in seen:
             repeats.append((lineno, seen[key]))
-        seen.setdefault(key, lineno)
+        else:
+            seen[key] = lineno
         conversations.append(conv)
     if skipped:
         log.warning("%s: skipped %d bad record(s) (model.data.skip_bad_records=true); first: %s",
@@ -140,7 +144,8 @@ def _parse_record(text: str, source: str = "") -> tuple[str, Conversation]:
     else:
         raise _RecordError("record has neither 'conversations' (NeMo) nor 'messages' (Hugging Face)")
     _check_order(turns)
-    return record_format, Conversation(turns=tuple(turns), system=system, source=source)
+    extra = {k: v for k, v in record.items() if k not in ("conversations", "messages", "system")}
+    return record_format, Conversation(turns=tuple(turns), system=system, source=source, extra=extra)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
