@@ -147,8 +147,9 @@ def plot(metrics: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
                                                     ("train/reward_margin_mean", "margin")]),
         (axes[1, 0], "generated answer length (tokens)", [("train/avg_generated_lengths", "mean length")]),
     ]
-    boundaries = [r["step"] for r in train if r.get("train/iteration") is not None
-                  and r["step"] > 0 and _next_iteration_starts(train, r)]
+    boundaries = [a["step"] for a, b in zip(train, train[1:])  # the last step of each iteration but the last
+                  if a["step"] > 0 and a.get("train/iteration") is not None
+                  and a.get("train/iteration") != b.get("train/iteration")]
     for ax, title, series in panels:
         for key, label in series:
             ys = [r.get(key, math.nan) for r in train]
@@ -183,11 +184,6 @@ def plot(metrics: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _next_iteration_starts(train: list[dict], row: dict) -> bool:
-    later = [r for r in train if r["step"] > row["step"]]
-    return bool(later) and later[0].get("train/iteration") != row.get("train/iteration")
 
 
 def write_report(run_dir: str | Path) -> str:

@@ -6,8 +6,8 @@ and two-turn follow-ups (a sum or product, then "now multiply that by 3"). About
 conversations start with a system prompt. Every ground-truth answer has one style: a short
 working, then "The answer is X." (so `spinlm.data.answers.extract_answer` recovers X).
 
-Each record is a Hugging Face "messages" line plus two fields the trainer ignores and the
-evaluation reads: "skill" and "answer" (X). The train / validation / test splits are drawn
+Each record is a Hugging Face "messages" line plus two fields the trainer ignores: "skill"
+(the evaluation reports accuracy per skill) and "answer" (X, for a reader of the file). The train / validation / test splits are drawn
 from one stream without repeating a user question, so no test question is in train.
 """
 
