@@ -224,6 +224,7 @@ def kl_penalty_for_iteration(penalty: float | Sequence[float], iteration: int) -
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
+LENGTH_POLICIES = ("truncate", "drop", "error")  # model.data.length_policy
 SCHEDULERS = ("CosineAnnealing", "Constant")
 
 
@@ -265,8 +266,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(optim.sched.min_lr >= 0, "model.optim.sched.min_lr", "must be >= 0")
     need(model.spin.loss_type in LOSS_TYPES, "model.spin.loss_type", f"must be one of {LOSS_TYPES}")
     need(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
-    need(model.data.length_policy in ("truncate", "drop", "error"), "model.data.length_policy",
-         f"must be truncate, drop or error, got {model.data.length_policy!r}")
+    need(model.data.length_policy in LENGTH_POLICIES, "model.data.length_policy",
+         f"must be {', '.join(LENGTH_POLICIES[:-1])} or {LENGTH_POLICIES[-1]}, got {model.data.length_policy!r}")
     need(bool(model.data.train_ds.drop_last), "model.data.train_ds.drop_last", "must be true (as in NeMo)")
     need(not cfg.exp_manager.create_wandb_logger, "exp_manager.create_wandb_logger", "is not supported")
     need(cfg.exp_manager.checkpoint_callback_params.mode in ("min", "max"),

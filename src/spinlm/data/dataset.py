@@ -31,9 +31,9 @@ import torch
 
 from spinlm.data.chat import read_chat_jsonl
 from spinlm.data.render import ChatRenderer
+from spinlm.config import LENGTH_POLICIES
 from spinlm.errors import ConfigError, DataError
 
-LENGTH_POLICIES = ("truncate", "drop", "error")
 log = logging.getLogger(__name__)
 
 
