@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from spinlm.algorithms.scoring import pair_logprobs
-from spinlm.model.decoding import _process, _warp, decode_batch, supports_cached_decoding
+from spinlm.model.decoding import (
+    _process, _sample, _warp, decode_batch, length_chunks, prefix_groups, supports_cached_decoding,
+)
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.tiny import build_tiny_model
 
@@ -103,3 +105,65 @@ def test_min_new_tokens_blocks_stop_ids():
     out = _process(scores, torch.zeros(1, 1, dtype=torch.long), step=0, stop=torch.tensor([2]), min_new=1, penalty=1.0)
     assert out[0, 2] == float("-inf") and scores[0, 2] == 0
     assert torch.equal(_process(scores, torch.zeros(1, 1, dtype=torch.long), 1, torch.tensor([2]), 1, 1.0), scores)
+
+
+SYSTEM = "You are a careful assistant. Answer in one sentence."
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(tokenizer):
+    """Prompts that share openings of different lengths (as chat templates make them), and some that share nothing."""
+    system, other = tokenizer.encode(SYSTEM), tokenizer.encode("Be brief.")
+    rows = [system + tokenizer.encode(t) for t in TEXTS] + [other + tokenizer.encode(t) for t in TEXTS[:3]]
+    return rows + [tokenizer.encode(t) for t in ["Bye now", "Zebra crossing ahead", "12 + 7"]]
+
+
+def test_prefix_groups_share_true_prefixes(chat_prompts):
+    groups = prefix_groups(chat_prompts)
+    assert sorted(r for _, rows in groups for r in rows) == list(range(len(chat_prompts)))
+    shared = [(k, rows) for k, rows in groups if k]
+    assert len(shared) >= 2  # both openings found
+    for k, rows in shared:
+        assert len(rows) > 1
+        assert all(chat_prompts[r][:k] == chat_prompts[rows[0]][:k] and len(chat_prompts[r]) > k for r in rows)
+
+
+def test_length_chunks_cover_rows_and_weigh_padding_against_passes():
+    lengths = [5, 5, 6, 40, 41, 5, 90]
+    chunks = length_chunks(lengths, overhead=16)
+    assert sorted(r for c in chunks for r in c) == list(range(len(lengths)))
+    assert {frozenset(c) for c in chunks} == {frozenset({0, 1, 2, 5}), frozenset({3, 4}), frozenset({6})}
+    assert length_chunks(lengths, overhead=10_000) == [[0, 1, 5, 2, 3, 4, 6]]  # one pass when passes are dear
+    assert length_chunks([4] * 9, max_tokens=12) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # 12 tokens at most
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_with_shared_prefixes_equals_hf_generate(model, tokenizer, chat_prompts, penalty):
+    """Prefix-sharing, length-chunked prefill (holes in the cache) decodes exactly like one padded batch."""
+    if penalty != 1.0:  # HF penalises the pad id of left-padded rows: equal lengths avoid padding
+        chat_prompts = [p[:8] for p in chat_prompts if len(p) >= 8]
+    params = SamplingParams(use_greedy=True, max_length=12, repetition_penalty=penalty, end_strings=[])
+    ours = generate(model, tokenizer, chat_prompts, params, batch_size=16, cached_decoding=True)
+    hf = generate(model, tokenizer, chat_prompts, params, batch_size=16, cached_decoding=False)
+    assert ours.ids == hf.ids
+
+
+def test_logprobs_with_shared_prefixes_equal_a_fresh_forward(model, tokenizer, chat_prompts):
+    answers = [tokenizer.encode(f"answer {k} " * (1 + k % 4)) + [tokenizer.eos_token_id] for k in range(len(chat_prompts))]
+    params = SamplingParams(temperature=1.0, max_length=10, end_strings=[])
+    gens = generate(model, tokenizer, chat_prompts, params, batch_size=16, generator_seed=5, answers=answers)
+    with torch.no_grad():
+        act, gen = pair_logprobs(model, chat_prompts, answers, gens.ids, tokenizer.pad_token_id, packed=False)
+    torch.testing.assert_close(torch.tensor(gens.answer_logps), act, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(gens.logps), gen, atol=1e-4, rtol=1e-5)
+
+
+def test_sampler_matches_multinomial_distribution():
+    probs = torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) * 2, dim=-1)
+    probs[:, 7] = 0  # a filtered token
+    torch.manual_seed(0)
+    draws = torch.stack([_sample(probs) for _ in range(6000)])  # (6000, 3)
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=40).float() / len(draws)
+        assert freq[7] == 0
+        assert (freq - probs[row]).abs().max() < 0.02
