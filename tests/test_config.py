@@ -324,6 +324,7 @@ def test_validate_needs_restore_path(valid_overrides):
         ("trainer.max_time=1:00:00", "trainer.max_time"),
         ("model.global_batch_size=63", "model.global_batch_size"),  # with micro_batch_size=2 below
         ("trainer.strategy=deepspeed", "trainer.strategy"),
+        ("model.cpu_linear_kernel=mkl", "model.cpu_linear_kernel"),
     ],
 )
 def test_validate_rejects_via_overrides(valid_overrides, override, key):

@@ -223,6 +223,7 @@ def kl_penalty_for_iteration(penalty: float | Sequence[float], iteration: int) -
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 STRATEGIES = ("auto", "ddp", "fsdp")
+CPU_LINEAR_KERNELS = ("auto", "onednn", "default")  # model.cpu_linear_kernel
 PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
 LENGTH_POLICIES = ("truncate", "drop", "error")  # model.data.length_policy
 SCHEDULERS = ("CosineAnnealing", "Constant")
@@ -285,6 +286,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(sp.temperature > 0, "model.spin.sampling_params.temperature", "must be > 0")
     need(0 < sp.top_p <= 1, "model.spin.sampling_params.top_p", "must be in (0, 1]")
     need(sp.top_k >= 0, "model.spin.sampling_params.top_k", "must be >= 0")
+    need(model.cpu_linear_kernel in CPU_LINEAR_KERNELS, "model.cpu_linear_kernel",
+         f"must be one of {CPU_LINEAR_KERNELS}, got {model.cpu_linear_kernel!r}")
     need(cfg.trainer.strategy in STRATEGIES, "trainer.strategy",
          f"must be one of {STRATEGIES}, got {cfg.trainer.strategy!r}")
     devices = cfg.trainer.devices

@@ -96,7 +96,8 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     strategy = parallel.resolve_strategy(cfg.trainer.strategy, launch.world_size)
     evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
     seed_everything(cfg.model.seed)
-    policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer)
+    policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer,
+                        cpu_linear_kernel=cfg.model.cpu_linear_kernel)
     reference = ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
     policy = parallel.wrap_policy(policy, strategy, device)
     reference.module = parallel.place_reference(reference.module, strategy, device)

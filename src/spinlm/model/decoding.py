@@ -6,14 +6,21 @@ answer | prompt). The reference is the model that samples the generated answer, 
 - each sampled token's log-prob is the log-softmax of the RAW logits of its step (before
   repetition penalty, temperature, top-k/top-p), kept as it is sampled;
 - the ground-truth answer is scored on the prompt's KV cache right after the prefill (the prompt
-  is computed once for both), a few rows at a time, and the cache is left as it was.
+  is computed once for both), answers of similar length together, and the cache is left as it was.
 
 So the separate reference pass over prompt + answer + generated answer disappears, except for
-the answer tokens themselves. Decoding details: left-padded prompts (sorted by length by the
-caller), logits of the last prompt position only at prefill, finished rows dropped from the batch
-(and their cache rows) as soon as they stop, sampling as Hugging Face's processors do it
-(repetition penalty on prompt + generated ids, min new tokens, temperature, top-k, top-p; greedy
-applies only the first two). Tests: greedy output == HF ``generate``; log-probs == a fresh forward.
+the answer tokens themselves. Where the time goes on a CPU, and what is done about it:
+
+- prefill: openings shared by several prompts (system prompt, turn markers) are computed once,
+  the rest in chunks of similar length, logits at the last prompt position only (`_prefill`);
+- decoding steps: one KV buffer per layer preallocated for the whole answer (no per-step copy of
+  the cache); finished rows leave the batch as soon as they stop;
+- sampling: one uniform draw per row against the CDF (`_sample`), after Hugging Face's processors
+  (repetition penalty on prompt + generated ids, min new tokens, temperature, top-k, top-p;
+  greedy applies only the first two).
+
+Tests: greedy output == HF ``generate`` (with shared openings too); log-probs == a fresh forward;
+sampled frequencies == the processed distribution.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from spinlm.errors import ConfigError
+from spinlm.model.kernels import use_onednn_linears
 
 CONFIG_KEY = "pretrained_checkpoint.restore_from_path"
 
@@ -49,12 +50,17 @@ def load_model_config(path: str | Path) -> PretrainedConfig:
 
 
 def load_model(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32,
+    cpu_linear_kernel: str = "auto",
 ) -> PreTrainedModel:
-    """The weights; gives `tokenizer` a pad token (eos) if it has none and makes the model agree."""
+    """The weights; gives `tokenizer` a pad token (eos) if it has none and makes the model agree.
+
+    Linear layers run fp32 CPU products through oneDNN where it is faster (`use_onednn_linears`).
+    """
     model = _from_pretrained(AutoModelForCausalLM, path, "a causal LM", dtype=torch_dtype)
     _drop_gguf_quantizer(model)
     _ensure_pad_token(model, tokenizer)
+    use_onednn_linears(model, cpu_linear_kernel)
     return model
 
 
