@@ -174,7 +174,7 @@ def test_load_real_gguf_and_export(tmp_path):
     assert tokenizer.chat_template is not None
     assert tokenizer.pad_token is not None
     out = export_hf(model, tokenizer, tmp_path / "export")
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    reloaded, _ = load_pretrained(out)  # the same linear kernels as `model` (see model/kernels.py)
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
