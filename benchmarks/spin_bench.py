@@ -27,6 +27,7 @@ log-prob of the ground-truth answers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -97,12 +98,12 @@ def matmul_rates(n: int = 2048, repeats: int = 8) -> dict[str, float]:
     The faster of the two is the machine's dense rate, the MFU denominator: on AMD CPUs MKL
     (behind ``torch.mm``) runs AVX2 code and reaches about half of what oneDNN does.
     """
-    from spinlm.model.kernels import _onednn_mm, onednn_available
+    from spinlm.model.kernels import onednn_mm, onednn_available
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     kernels = {"torch.mm": lambda: torch.mm(a, b)}
     if onednn_available():
-        kernels["onednn"] = lambda: _onednn_mm(a, b)
+        kernels["onednn"] = lambda: onednn_mm(a, b)
     rates = {}
     for name, fn in kernels.items():
         fn()
@@ -119,24 +120,26 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-_COUNTED: set = set()
-
-
 def step_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+    from torch.utils.flop_counter import FlopCounterMode
 
-    if torch.ops.mkldnn._linear_pointwise not in _COUNTED:  # spinlm's oneDNN linear layers
-        @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-        def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
-            rows = 1
-            for d in x_shape[:-1]:
-                rows *= d
-            return 2 * rows * x_shape[-1] * w_shape[0]
-
-        _COUNTED.add(torch.ops.mkldnn._linear_pointwise)
+    _count_onednn_linears()
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
+
+
+@functools.cache
+def _count_onednn_linears() -> None:
+    """Teach FlopCounterMode spinlm's oneDNN linear layers (it counts aten ops only)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
 
 
 # ----- baseline: HF generate + TRL DPOTrainer -----------------------------------------------------------

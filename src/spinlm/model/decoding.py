@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from spinlm.model.logprobs import gather_logprobs
+
 try:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 except ImportError:  # older transformers: no per-layer caches, so no cached decoding
@@ -97,7 +99,7 @@ def decode_batch(
     cache_kw = _cache_kwarg(model)
     B = len(prompts)
     ids, prompt_mask = _pad(prompts, max(len(p) for p in prompts), pad_id, device)
-    cache, logits, attn = _prefill(model, prompts, max_new_tokens, pad_id, device)
+    cache, logits, attn = _prefill(model, cache_kw, prompts, max_new_tokens, pad_id, device)
 
     answer_logps, answer_seconds = None, 0.0
     if answers is not None:
@@ -112,14 +114,13 @@ def decode_batch(
     tokens: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
     for step in range(max_new_tokens):
-        log_norm = torch.logsumexp(logits, dim=-1)  # of the raw logits: log p without a (B, V) log-softmax
         scores = _process(logits, history, step, stop, min_new_tokens, repetition_penalty)
         if greedy:
             chosen = scores.argmax(dim=-1)
         else:
             scores = _warp(scores, temperature, top_k, top_p)
             chosen = _sample(torch.softmax(scores, dim=-1))
-        chosen_logps = logits.gather(1, chosen[:, None]).squeeze(1) - log_norm
+        chosen_logps = gather_logprobs(logits, chosen)  # of the raw logits
         done = torch.isin(chosen, stop)
         for k, (row, tok, lp) in enumerate(zip(alive.tolist(), chosen.tolist(), chosen_logps.tolist())):
             tokens[row].append(tok)
@@ -264,7 +265,8 @@ def prefix_groups(prompts: Sequence[Sequence[int]], min_shared: int = 4) -> list
     return groups + [(shared if len(rows) > 1 else 0, rows)]
 
 
-def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, device):
+def _prefill(model: nn.Module, cache_kw: str, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+             device):
     """(KV cache of the prompts with room for ``max_new_tokens`` more, last-position logits (B, V), its attention mask).
 
     One left-padded forward of the whole batch would pay for the longest prompt on every row and
@@ -274,16 +276,18 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     tokens], right-aligned in one preallocated buffer per layer (`_SlabLayer`); the returned
     mask marks the holes and position ids count real tokens only, so attention sees exactly the prompt.
     """
-    groups = prefix_groups(prompts)
-    heads = [(shared, rows[0]) for shared, rows in groups if shared]
-    group_of = {r: (g, shared) for g, (shared, rows) in enumerate(x for x in groups if x[0]) for r in rows}
+    shared_groups = [(shared, rows) for shared, rows in prefix_groups(prompts) if shared]
+    group_of, shared_of = [0] * len(prompts), [0] * len(prompts)  # row -> its prefix's row in the prefix pass, length
+    for g, (shared, rows) in enumerate(shared_groups):
+        for r in rows:
+            group_of[r], shared_of[r] = g, shared
     prefix_cache = None
-    if heads:
-        ids, mask = _pad([prompts[first][:shared] for shared, first in heads], max(s for s, _ in heads), pad_id, device)
+    if shared_groups:
+        heads = [prompts[rows[0]][:shared] for shared, rows in shared_groups]
+        ids, mask = _pad(heads, max(map(len, heads)), pad_id, device)
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         prefix_cache = _out_cache(out)
-    shared_of = [group_of.get(r, (0, 0))[1] for r in range(len(prompts))]
     plan = []  # (rows of the chunk, prefix width, width after the prefix)
     for chunk in length_chunks([len(p) - k for p, k in zip(prompts, shared_of)]):
         plan.append((chunk, max(shared_of[r] for r in chunk), max(len(prompts[r]) - shared_of[r] for r in chunk)))
@@ -295,14 +299,14 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         ids, mask = _pad([prompts[r][shared_of[r]:] for r in chunk], rest, pad_id, device)
         sub = DynamicCache()
         if pw:
-            which = torch.tensor([group_of.get(r, (0, 0))[0] for r in chunk], device=device)
+            which = torch.tensor([group_of[r] for r in chunk], device=device)
             for i, layer in enumerate(prefix_cache.layers):
                 sub.update(layer.keys[which, :, -pw:], layer.values[which, :, -pw:], i)
             held = torch.tensor([shared_of[r] for r in chunk], device=device)
             mask = torch.cat([(torch.arange(pw, 0, -1, device=device) <= held[:, None]).long(), mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, pw:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{_cache_kwarg(model): sub}, logits_to_keep=1)
+                    **{cache_kw: sub}, logits_to_keep=1)
         part, last = _out_cache(out), out.logits[:, -1].float()
         if logits is None:
             logits = last.new_empty((len(prompts), last.shape[-1]))
@@ -389,7 +393,7 @@ def _score_answers(model, cache, cache_kw, first_logits: Tensor, attn: Tensor, a
         logits = model(input_ids=inp, attention_mask=torch.cat([sub_attn, mask], dim=1), position_ids=pos,
                        use_cache=True, **{cache_kw: sub}, logits_to_keep=mask.bool()).logits.float()
         targets = torch.cat([torch.tensor(list(answers[r][1:]), dtype=torch.long) for r in chunk]).to(device)
-        token_logps = logits.gather(-1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        token_logps = gather_logprobs(logits, targets)
         owner = torch.cat([torch.full((len(answers[r]) - 1,), r, dtype=torch.long) for r in chunk]).to(device)
         total = total.index_add(0, owner, token_logps)
     return total.tolist()

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from spinlm.config import CPU_LINEAR_KERNELS
 
 
-
-def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
+def onednn_mm(a: Tensor, b: Tensor) -> Tensor:
     """a @ b.T for 2D fp32 CPU tensors, by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
@@ -34,7 +33,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return _onednn_mm(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+        return onednn_mm(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -43,9 +42,9 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         grad_x = grad_w = None
         # oneDNN reads transposed views as they are (a copy first is slower)
         if ctx.needs_input_grad[0]:  # g @ W
-            grad_x = _onednn_mm(g, weight.t()).reshape(x.shape)
+            grad_x = onednn_mm(g, weight.t()).reshape(x.shape)
         if ctx.needs_input_grad[1]:  # g.T @ x
-            grad_w = _onednn_mm(g.t(), x.reshape(-1, x.shape[-1]).t())
+            grad_w = onednn_mm(g.t(), x.reshape(-1, x.shape[-1]).t())
         return grad_x, grad_w
 
 
@@ -83,7 +82,7 @@ def onednn_available() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        _onednn_mm(torch.ones(2, 3), torch.ones(4, 3))
+        onednn_mm(torch.ones(2, 3), torch.ones(4, 3))
     except (RuntimeError, AttributeError):
         return False
     return True
@@ -106,4 +105,4 @@ def onednn_is_faster(margin: float = 1.2) -> bool:
         return min(times)
 
     with torch.inference_mode():
-        return best(lambda: F.linear(x, w)) > margin * best(lambda: _onednn_mm(x, w))
+        return best(lambda: F.linear(x, w)) > margin * best(lambda: onednn_mm(x, w))

@@ -15,11 +15,11 @@ from torch import Tensor, nn
 def token_logprobs(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(B, L) log p(input_ids[:, i] | input_ids[:, :i]) for i >= 1; column 0 has no context and is 0."""
     logits = model(input_ids=input_ids).logits[:, :-1]
-    scores = _gather_logprobs(logits, input_ids[:, 1:])
+    scores = gather_logprobs(logits, input_ids[:, 1:])
     return torch.nn.functional.pad(scores, (1, 0), value=0.0)
 
 
-def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+def gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log_softmax at the targets only, as target logit - logsumexp, in float32.
 
     Avoids materialising a second (B, L, V) log_softmax tensor; only the float32 upcast of the
