@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spinlm.errors import DataError
+from spinlm.utils.logger import read_jsonl
 
 TABLE_COLUMNS = (
     ("iteration", "iteration"), ("held-out acc", "accuracy"), ("held-out SFT loss", "sft_loss"),
@@ -29,13 +30,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}:0: file not found (is {run_dir} a spinlm run directory?)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return rows
+    return read_jsonl(path)
 
 
 def iteration_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
