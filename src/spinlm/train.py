@@ -20,10 +20,11 @@ from spinlm.model import parallel
 from spinlm.model.loading import load_model
 from spinlm.model.reference import ReferencePolicy
 from spinlm.preflight import prepare
-from spinlm.report import write_report
+from spinlm.report import iteration_rows, read_metrics, write_report
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
 from spinlm.utils.distributed import broadcast_from_main, info, init_distributed
 from spinlm.utils.logger import RunLogger, RunTimer
+from spinlm.utils.trackers import build_trackers
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,15 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     prep = prepare(cfg, launch.world_size)  # config, paths and data checked before the weights load
     check_num_nodes(cfg, launch.num_nodes)
     strategy = parallel.resolve_strategy(cfg.trainer.strategy, launch.world_size)
+    run_dir = Path(cfg.exp_manager.explicit_log_dir)
+    ckpt = cfg.exp_manager.checkpoint_callback_params
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
+    latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists and launch.is_main else None
+    latest = broadcast_from_main(latest)  # every rank resumes the checkpoint rank 0 verified
+    # trackers (W&B, MLflow) connect before the weights load: a login problem shows in seconds
+    trackers = build_trackers(cfg, run_dir, resuming=latest is not None) if launch.is_main else []
+    logger = RunLogger(run_dir, tensorboard=cfg.exp_manager.create_tensorboard_logger, active=launch.is_main,
+                       sinks=trackers)
     evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
     seed_everything(cfg.model.seed)
     policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer,
@@ -107,13 +117,8 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         log.info("%d processes on %d node(s), strategy %s, backend %s", launch.world_size, launch.num_nodes,
                  strategy, torch.distributed.get_backend())
 
-    run_dir = Path(cfg.exp_manager.explicit_log_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if launch.is_main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    ckpt = cfg.exp_manager.checkpoint_callback_params
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
-    logger = RunLogger(run_dir, active=launch.is_main)
     _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
     trainer = SPINTrainer(
@@ -123,14 +128,12 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         end_strings=prep.renderer.end_strings, evaluator=evaluator,
     )
 
-    latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists and launch.is_main else None
-    latest = broadcast_from_main(latest)  # every rank resumes the checkpoint rank 0 verified
     if latest is not None:
         trainer.restore(latest)
     elif cfg.exp_manager.resume_if_exists and not cfg.exp_manager.resume_ignore_no_checkpoint:
         raise ConfigError(f"config: exp_manager.resume_if_exists: no checkpoint in {checkpointer.directory}")
     else:
-        logger.rewind(0)  # rows of an earlier attempt that died before its first checkpoint
+        logger.rewind(-1)  # rows of an earlier attempt that died before its first checkpoint
     return trainer
 
 
@@ -138,10 +141,13 @@ def run(cfg: DictConfig) -> SPINTrainer:
     trainer = build_trainer(cfg)
     try:
         trainer.fit()
+        if info().is_main:
+            run_dir = trainer.logger.run_dir
+            table = write_report(run_dir)
+            trainer.logger.log_report(iteration_rows(read_metrics(run_dir)),
+                                      [run_dir / "report.md", run_dir / "report.png"])
+            log.info("report: %s", run_dir / "report.md")
+            print(table)
     finally:
         trainer.logger.close()
-    if info().is_main:
-        table = write_report(trainer.logger.run_dir)
-        log.info("report: %s", trainer.logger.run_dir / "report.md")
-        print(table)
     return trainer
