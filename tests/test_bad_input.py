@@ -196,6 +196,14 @@ CONFIGS = {
     "missing_model": ("pretrained_checkpoint.restore_from_path=/nonexistent/model", "/nonexistent/model does not exist"),
     "repeated_key": ("model.optim.lr=1e-3", "key 'model.optim.lr' is given twice"),
     "limit_fraction_out_of_range": ("trainer.spin.limit_train_batches=1.5", "limit_train_batches as a fraction"),
+    "unknown_wandb_key": ("exp_manager.wandb_logger_kwargs.projet=x",
+                          "unknown key 'exp_manager.wandb_logger_kwargs.projet' (did you mean "
+                          "'exp_manager.wandb_logger_kwargs.project'?"),
+    "unknown_mlflow_key": ("++exp_manager.mlflow_logger_kwargs.log_model=true",
+                           "unknown key 'exp_manager.mlflow_logger_kwargs.log_model'"),
+    "wandb_tags_not_a_list": ("exp_manager.wandb_logger_kwargs.tags=spin", "wandb_logger_kwargs.tags' must be a list"),
+    "mlflow_tags_not_a_mapping": ("exp_manager.mlflow_logger_kwargs.tags=[a]", "mlflow_logger_kwargs.tags' must be a"),
+    "tensor_parallel": ("++model.tensor_model_parallel_size=2", "model.tensor_model_parallel_size=2 is not supported"),
 }
 
 
@@ -209,6 +217,17 @@ def test_bad_config_is_refused(paths, capsys, monkeypatch, override, message):
         args.append("model.optim.lr=2e-3")
     code, err = run_cli([*args, *extra, override], capsys, monkeypatch)
     assert_refused(code, err, message, paths)
+
+
+@pytest.mark.parametrize("key, package", [("create_wandb_logger", "wandb"), ("create_mlflow_logger", "mlflow")])
+def test_tracker_without_its_package(paths, capsys, monkeypatch, key, package):
+    from spinlm.utils import trackers
+
+    real = trackers.find_spec
+    monkeypatch.setattr(trackers, "find_spec", lambda name: None if name == package else real(name))
+    code, err = run_cli([*base_args(paths), f"exp_manager.{key}=true"], capsys, monkeypatch)
+    assert_refused(code, err, f"exp_manager.{key}=true needs the {package} package: pip install 'spinlm[loggers]'",
+                   paths)
 
 
 def test_user_yaml_with_a_duplicate_key(paths, capsys, monkeypatch):

@@ -381,7 +381,7 @@ def test_validate_kl_list_long_enough_is_fine(valid_cfg):
         ("model.optim.sched.min_lr", -1e-7),
         ("model.data.length_policy", "pad"),
         ("model.data.train_ds.drop_last", False),
-        ("exp_manager.create_wandb_logger", True),
+        ("model.tensor_model_parallel_size", 2),
         ("exp_manager.checkpoint_callback_params.mode", "avg"),
         ("model.spin.sampling_params.temperature", 0.0),
         ("model.spin.sampling_params.top_p", 0.0),

@@ -6,6 +6,7 @@ key and type is checked against the YAML so a typo is an error, not a silently i
 
 from __future__ import annotations
 
+import difflib
 import re
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from spinlm.errors import ConfigError
+from spinlm.megatron import KNOBS, check_megatron_knobs
 
 CONFIG_MODULE = "spinlm.conf"
 CONFIG_NAME = "gpt_spin"
@@ -34,6 +36,13 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
     "model.data.chat_prompt_tokens": (dict,),
     "pretrained_checkpoint.restore_from_path": (str,),
     "exp_manager.exp_dir": (str,),
+    **{f"exp_manager.wandb_logger_kwargs.{k}": (str,)
+       for k in ("project", "name", "id", "save_dir", "entity", "group", "notes", "job_type")},
+    "exp_manager.wandb_logger_kwargs.tags": (list,),
+    **{f"exp_manager.mlflow_logger_kwargs.{k}": (str,)
+       for k in ("experiment_name", "run_name", "tracking_uri", "save_dir", "artifact_location", "run_id")},
+    "exp_manager.mlflow_logger_kwargs.tags": (dict,),
+    **{key: knob.types for key, knob in KNOBS.items()},  # Megatron-only knobs
 }
 
 
@@ -67,7 +76,7 @@ def load_config(
     register_resolvers()
     defaults = _compose(None, CONFIG_NAME, ())
     if not config_path:
-        cfg = _compose(None, CONFIG_NAME, overrides)
+        cfg = _compose(None, CONFIG_NAME, overrides, defaults)
         check_against_defaults(cfg, defaults)
         return cfg
     # a user's YAML need only hold the keys it changes: merge it onto the defaults, then override
@@ -75,7 +84,7 @@ def load_config(
     check_against_defaults(user, defaults)
     with tempfile.TemporaryDirectory() as merged_dir:
         (Path(merged_dir) / f"{CONFIG_NAME}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.merge(defaults, user)))
-        cfg = _compose(merged_dir, CONFIG_NAME, overrides)
+        cfg = _compose(merged_dir, CONFIG_NAME, overrides, defaults)
     check_against_defaults(cfg, defaults)
     return cfg
 
@@ -90,7 +99,9 @@ def refuse_repeated_overrides(overrides: Sequence[str]) -> None:
         seen.add(key)
 
 
-def _compose(config_path: str | None, config_name: str, overrides: Sequence[str]) -> DictConfig:
+def _compose(
+    config_path: str | None, config_name: str, overrides: Sequence[str], defaults: DictConfig | None = None
+) -> DictConfig:
     from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -104,7 +115,7 @@ def _compose(config_path: str | None, config_name: str, overrides: Sequence[str]
         with init:
             return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_first_line(e)) from e
+        raise ConfigError(_first_line(e, defaults)) from e
     except yaml.MarkedYAMLError as e:  # e.g. a key given twice in a user's YAML
         mark = e.problem_mark
         where = f"{mark.name}:{mark.line + 1}" if mark is not None else f"{config_path}/{config_name}.yaml"
@@ -113,13 +124,23 @@ def _compose(config_path: str | None, config_name: str, overrides: Sequence[str]
         GlobalHydra.instance().clear()
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: Exception, defaults: DictConfig | None) -> str:
     text = str(e)
     unknown = re.search(r"Could not override '([^']+)'", text)
     if unknown and "not in struct" in f"{text} {e.__cause__}":
-        return f"config: unknown key '{unknown.group(1)}' (see spinlm/conf/gpt_spin.yaml)"
+        path = unknown.group(1)
+        parent = OmegaConf.select(defaults, path.rpartition(".")[0]) if defaults is not None and "." in path else defaults
+        return unknown_key(path, list(parent.keys()) if isinstance(parent, DictConfig) else [])
     lines = text.strip().splitlines()
     return f"config: {lines[0] if lines else type(e).__name__}"
+
+
+def unknown_key(path: str, siblings: Sequence[str]) -> str:
+    """The one-line error for a key the YAML does not define, with the closest key beside it if one is close."""
+    parent, _, name = path.rpartition(".")
+    close = difflib.get_close_matches(name, siblings, n=1)
+    hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'? " if close else ""
+    return f"config: unknown key '{path}' ({hint}see spinlm/conf/gpt_spin.yaml)"
 
 
 def _type_ok(value: Any, default: Any, key: str) -> bool:
@@ -143,7 +164,7 @@ def check_against_defaults(cfg: DictConfig, defaults: DictConfig, prefix: str = 
     for key in cfg.keys():
         path = f"{prefix}{key}"
         if key not in known:
-            raise ConfigError(f"config: unknown key '{path}' (see spinlm/conf/gpt_spin.yaml)")
+            raise ConfigError(unknown_key(path, list(known)))
         if OmegaConf.is_missing(cfg, key) or OmegaConf.is_interpolation(cfg, key):
             continue
         default = _plain_default(defaults, key)
@@ -240,6 +261,8 @@ def check_num_nodes(cfg: DictConfig, launched_nodes: int) -> None:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Impossible values, caught before any model loads. Raises ConfigError naming the key."""
+    from spinlm.utils.trackers import check_trackers
+
     spin, model, optim = cfg.trainer.spin, cfg.model, cfg.model.optim
 
     def need(ok: bool, key: str, why: str) -> None:
@@ -262,7 +285,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
          f"({model.micro_batch_size} x {world_size})")
     need(optim.lr > 0, "model.optim.lr", f"must be > 0, got {optim.lr}")
     need(optim.weight_decay >= 0, "model.optim.weight_decay", f"must be >= 0, got {optim.weight_decay}")
-    need(optim.name.lower() == "adamw", "model.optim.name", f"must be adamw, got {optim.name!r}")
     need(optim.sched.name in SCHEDULERS, "model.optim.sched.name", f"must be one of {SCHEDULERS}")
     need(optim.sched.min_lr >= 0, "model.optim.sched.min_lr", "must be >= 0")
     need(model.spin.loss_type in LOSS_TYPES, "model.spin.loss_type", f"must be one of {LOSS_TYPES}")
@@ -270,7 +292,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(model.data.length_policy in LENGTH_POLICIES, "model.data.length_policy",
          f"must be {', '.join(LENGTH_POLICIES[:-1])} or {LENGTH_POLICIES[-1]}, got {model.data.length_policy!r}")
     need(bool(model.data.train_ds.drop_last), "model.data.train_ds.drop_last", "must be true (as in NeMo)")
-    need(not cfg.exp_manager.create_wandb_logger, "exp_manager.create_wandb_logger", "is not supported")
     need(cfg.exp_manager.checkpoint_callback_params.mode in ("min", "max"),
          "exp_manager.checkpoint_callback_params.mode", "must be min or max")
     top_k = cfg.exp_manager.checkpoint_callback_params.save_top_k
@@ -298,3 +319,5 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
              f"({launched}); start more with torchrun, or set trainer.devices=null")
     parse_max_time(cfg.trainer.max_time)
     parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")
+    check_megatron_knobs(cfg)
+    check_trackers(cfg)
