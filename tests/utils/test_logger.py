@@ -135,3 +135,58 @@ def test_rewind_hides_redone_steps_in_tensorboard(tmp_path):
     events.Reload()
     scalars = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert scalars == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+class RecordingSink:
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, scalars, step, wall_time):
+        self.calls.append(("metrics", step, scalars))
+
+    def log_table(self, name, rows, step):
+        self.calls.append(("table", step, name, rows))
+
+    def rewind(self, step, kept):
+        self.calls.append(("rewind", step, list(kept.events())))
+
+    def log_report(self, table, files):
+        self.calls.append(("report", table, list(files)))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_sinks_get_the_scalars_tables_and_kept_rows(tmp_path):
+    sink = RecordingSink()
+    logger = RunLogger(tmp_path, tensorboard=False, sinks=[sink])
+    logger.log_metrics({"train/loss": torch.tensor(0.5), "note": "x", "bad": float("inf"), "n": 3}, step=1)
+    logger.log_table("samples", [{"prompt": "p", "response": "r"}], step=1)
+    logger.log_metrics({"val/loss": 0.7}, step=1)  # logged after the table, replayed before it (a step's order)
+    logger.log_metrics({"train/loss": 0.4}, step=2)
+    logger.log_table("samples", [], step=2)  # nothing to show: not sent
+    logger.rewind(1)
+    logger.log_report([{"iteration": 1}], [tmp_path / "report.md"])
+    logger.close()
+    assert sink.calls[:4] == [
+        ("metrics", 1, {"train/loss": 0.5, "n": 3}),  # finite numbers only, as TensorBoard
+        ("table", 1, "samples", [{"prompt": "p", "response": "r"}]),
+        ("metrics", 1, {"val/loss": 0.7}),
+        ("metrics", 2, {"train/loss": 0.4}),
+    ]
+    kind, step, kept = sink.calls[4]
+    assert (kind, step) == ("rewind", 1)
+    assert [(s, k) for s, k, _ in kept] == [(1, "metrics"), (1, "metrics"), (1, "table")]
+    assert kept[0][2][0] == {"train/loss": 0.5, "n": 3} and kept[2][2] == ("samples", [{"prompt": "p", "response": "r"}])
+    assert sink.calls[5:] == [("report", [{"iteration": 1}], [tmp_path / "report.md"]), ("close",)]
+
+
+def test_ranks_other_than_zero_send_nothing_to_sinks(tmp_path):
+    sink = RecordingSink()
+    logger = RunLogger(tmp_path, tensorboard=False, active=False, sinks=[sink])
+    logger.log_metrics({"train/loss": 0.5}, step=1)
+    logger.log_table("samples", [{"prompt": "p"}], step=1)
+    logger.rewind(0)
+    logger.log_report([{"iteration": 1}])
+    logger.close()
+    assert sink.calls == [] and not logger.metrics_path.exists()
