@@ -1,14 +1,22 @@
 """Checkpointer: atomic step directories verified by a manifest, retention, atomic_write_text."""
 
+import hashlib
 import json
 import logging
+import pickle
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from spinlm.errors import CheckpointError
+from spinlm.utils import rng
 from spinlm.utils.checkpoint import MANIFEST, Checkpointer, atomic_write_text
+from spinlm.utils.manifest import write_manifest
+from untrusted import RunsCode, poisoned_pt, rewrite_manifest, swap_in
 
 
 class Tied(nn.Module):
@@ -97,7 +105,7 @@ def _flip_byte(path, offset=-5):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("victim", ["policy.safetensors", "extra.pt", "trainer_state.json"])
+@pytest.mark.parametrize("victim", ["policy.safetensors", "extra.state.safetensors", "trainer_state.json"])
 def test_corrupt_file_is_skipped_with_warning(tmp_path, caplog, victim):
     ck = Checkpointer(tmp_path, keep_last=5)
     _save(ck, 1)
@@ -152,12 +160,10 @@ def test_all_broken_returns_none(tmp_path):
 
 
 def test_manifest_lists_every_file_with_hash(tmp_path):
-    import hashlib
-
     p = _save(Checkpointer(tmp_path), 1)
     manifest = json.loads((p / MANIFEST).read_text())
     files = {f.name for f in p.iterdir() if f.name != MANIFEST}
-    assert set(manifest) == files == {"policy.safetensors", "extra.pt", "trainer_state.json"}
+    assert set(manifest) == files == {"policy.safetensors", "extra.state.safetensors", "trainer_state.json"}
     for name, entry in manifest.items():
         data = (p / name).read_bytes()
         assert entry["bytes"] == len(data)
@@ -238,14 +244,14 @@ def test_atomic_write_text(tmp_path):
 
 def test_resume_hashes_each_file_once(tmp_path, monkeypatch):
     """latest() verifies the manifest; the load() that follows must not read every byte again."""
-    from spinlm.utils import checkpoint as ckpt_module
+    from spinlm.utils import manifest as manifest_module
 
     ckpt = Checkpointer(tmp_path / "ckpts")
     model = nn.Linear(4, 4)
     ckpt.save(1, {"policy": model}, {"opt": {"a": 1}}, {"step": 1})
     hashed = []
-    real = ckpt_module._sha256
-    monkeypatch.setattr(ckpt_module, "_sha256", lambda p: (hashed.append(p.name), real(p))[1])
+    real = manifest_module._sha256
+    monkeypatch.setattr(manifest_module, "_sha256", lambda p: (hashed.append(p.name), real(p))[1])
     path = ckpt.latest()
     ckpt.load(path, {"policy": nn.Linear(4, 4)})
     assert sorted(hashed) == sorted(set(hashed))
@@ -271,14 +277,162 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
 
 def test_failed_save_removes_its_temp_dir(tmp_path, monkeypatch):
+    from spinlm.utils import checkpoint
+
     ck = Checkpointer(tmp_path)
     _save(ck, 1)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(checkpoint, "save_state", disk_full)
     with pytest.raises(OSError, match="No space left"):
         _save(ck, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
     assert ck.latest() == tmp_path / "step_000001"
+
+
+# ----- loading runs no code from the checkpoint, reads nothing outside it -------------------------------
+def _states():
+    policy = _seq(1)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    policy(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return policy, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": [rng.capture()]}
+
+
+@pytest.mark.parametrize("state", ["optimizer", "scheduler", "rng"])
+@pytest.mark.parametrize("as_name", ["{}.pt", "{}.state.safetensors"])
+def test_a_state_file_that_would_run_code_is_refused(tmp_path, state, as_name):
+    """The previous format's `.pt` name (weights_only load) and the current name (safetensors parse)."""
+    marker = tmp_path / "marker"
+    policy, states = _states()
+    ck = Checkpointer(tmp_path / "ckpt")
+    path = ck.save(1, {"policy": policy}, states, {"step": 1})
+    payload = poisoned_pt(tmp_path / "payload", marker)
+    victim = as_name.format(state)
+    swap_in(path, f"{state}.state.safetensors", victim, payload)
+    assert ck.latest() == path  # the manifest matches: it cannot tell a planted file from a real one
+    with pytest.raises(CheckpointError, match=re.escape(str(path / victim))):
+        ck.load(path, {"policy": _seq(0)})
+    assert not marker.exists()
+
+
+def test_a_poisoned_weights_file_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    ck = Checkpointer(tmp_path / "ckpt")
+    path = _save(ck, 1)
+    (path / "policy.safetensors").write_bytes(pickle.dumps(RunsCode(marker)))
+    rewrite_manifest(path, **{"policy.safetensors": path / "policy.safetensors"})
+    with pytest.raises(CheckpointError, match="policy.safetensors: not a readable safetensors file"):
+        ck.load(path, {"policy": _seq(0)})
+    with pytest.raises(CheckpointError, match="policy.safetensors: not a readable safetensors file"):
+        ck.weights(path, "policy")
+    assert not marker.exists()
+
+
+def test_files_the_manifest_does_not_list_are_never_read(tmp_path):
+    marker = tmp_path / "marker"
+    ck = Checkpointer(tmp_path / "ckpt")
+    path = _save(ck, 1)
+    poisoned_pt(path / "evil.pt", marker)
+    states, _ = ck.load(path, {"policy": _seq(0)})
+    assert set(states) == {"extra"} and not marker.exists()
+    (path / "policy.safetensors").rename(path / "other.safetensors")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["other.safetensors"] = manifest.pop("policy.safetensors")
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="policy.safetensors: not listed in the checkpoint's manifest.json"):
+        ck.weights(path, "policy")
+
+
+@pytest.mark.parametrize("entry", ["../outside.pt", "{abs}", "sub/x.pt", "..", ""])
+def test_a_manifest_entry_outside_the_checkpoint_is_refused(tmp_path, entry):
+    marker = tmp_path / "marker"
+    (tmp_path / "ckpt").mkdir()
+    outside = poisoned_pt(tmp_path / "ckpt" / "outside.pt", marker)  # "../outside.pt" from a step directory
+    entry = entry.format(abs=outside)
+    ck = Checkpointer(tmp_path / "ckpt")
+    older = _save(ck, 1)
+    path = _save(ck, 2)
+    (path / "sub").mkdir()
+    shutil.copyfile(outside, path / "sub" / "x.pt")
+    rewrite_manifest(path, **{entry: outside})
+    for call in (lambda: ck.latest(), lambda: ck.load(path, {"policy": _seq(0)}), lambda: ck.weights(path, "policy")):
+        with pytest.raises(CheckpointError, match=re.escape(f"refused: entry {entry!r} is not a file of the checkpoint")):
+            call()
+    assert not ck.is_valid(path) and ck.is_valid(older)
+    assert not marker.exists()
+
+
+def test_links_inside_a_checkpoint_are_refused(tmp_path):
+    """A listed file, the manifest or the step directory itself as a symbolic link."""
+    ck = Checkpointer(tmp_path / "ckpt", keep_last=10)
+    good = _save(ck, 1)
+    path = _save(ck, 2)
+    elsewhere = tmp_path / "elsewhere.state.safetensors"
+    shutil.move(path / "extra.state.safetensors", elsewhere)
+    (path / "extra.state.safetensors").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="extra.state.safetensors: refused: a symbolic link"):
+        ck.load(path, {"policy": _seq(0)})
+    with pytest.raises(CheckpointError, match="refused: a symbolic link"):
+        ck.latest()
+
+    shutil.rmtree(path)
+    (tmp_path / "ckpt" / "step_000002").symlink_to(good)
+    with pytest.raises(CheckpointError, match="step_000002: refused: a checkpoint directory must not be a symbolic"):
+        ck.load(tmp_path / "ckpt" / "step_000002", {"policy": _seq(0)})
+
+    (tmp_path / "ckpt" / "step_000002").unlink()
+    shutil.move(good / MANIFEST, tmp_path / MANIFEST)
+    (good / MANIFEST).symlink_to(tmp_path / MANIFEST)
+    with pytest.raises(CheckpointError, match="manifest.json: refused: a symbolic link"):
+        ck.load(good, {"policy": _seq(0)})
+
+
+def test_previous_format_checkpoint_loads(tmp_path):
+    """Checkpoints written before this format: `.pt` states (torch.save) of plain containers."""
+    policy, states = _states()
+    states["rng"] = [{"torch": torch.get_rng_state(), "cuda": None}]  # what they held then
+    path = tmp_path / "ckpt" / "step_000003"
+    path.mkdir(parents=True)
+    ck = Checkpointer(tmp_path / "ckpt")
+    from safetensors.torch import save_model
+
+    save_model(policy, str(path / "policy.safetensors"))
+    for name, state in states.items():
+        torch.save(state, path / f"{name}.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"step": 3}))
+    write_manifest(path)
+    assert ck.latest() == path
+    loaded, meta = ck.load(path, {"policy": (fresh := _seq(0))})
+    assert meta == {"step": 3} and _same(policy, fresh)
+    assert loaded["scheduler"] == states["scheduler"]
+    assert torch.equal(loaded["rng"][0]["torch"], states["rng"][0]["torch"])
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], states["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_convert_checkpoint_runs_pickle_only_when_told_the_files_are_trusted(tmp_path, capsys):
+    from spinlm import cli
+
+    path = tmp_path / "ckpt" / "step_000001"
+    path.mkdir(parents=True)
+    save_model_state = {"w": torch.ones(2)}
+    torch.save({"numpy": np.arange(3, dtype=np.uint32), "n": np.float64(0.5)}, path / "rng.pt")
+    from safetensors.torch import save_file
+
+    save_file(save_model_state, str(path / "policy.safetensors"))
+    (path / "trainer_state.json").write_text("{}")
+    write_manifest(path)
+    ck = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="convert-checkpoint"):
+        ck.load(path, {})
+    assert cli.main(["convert-checkpoint", str(path)]) == 2
+    assert "--trusted" in capsys.readouterr().err and (path / "rng.pt").exists()
+    assert cli.main(["convert-checkpoint", str(path), "--trusted"]) == 0
+    states, _ = ck.load(path, {})
+    assert states["rng"]["numpy"].tolist() == [0, 1, 2] and states["rng"]["numpy"].dtype == torch.uint32 and states["rng"]["n"] == 0.5
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json", "policy.safetensors", "rng.state.safetensors", "trainer_state.json"]
+    assert ck.is_valid(path)

@@ -25,6 +25,7 @@ from spinlm.model.generation import (
 from spinlm.model.loading import unwrap
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.parallel import gathered, needs_lockstep
+from spinlm.utils import rng
 from spinlm.utils.distributed import all_gather_objects, all_reduce_sum, info
 
 
@@ -109,15 +110,12 @@ def local_rows(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def rank_rng_states() -> list[dict]:
-    """Every rank's RNG state (dropout streams differ per rank), gathered for the checkpoint."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return all_gather_objects({"torch": torch.get_rng_state(), "cuda": cuda})
+    """Every rank's RNG states (torch, CUDA, numpy, Python; dropout streams differ per rank), gathered
+    for the checkpoint."""
+    return all_gather_objects(rng.capture())
 
 
 def set_rank_rng_state(states: list[dict]) -> None:
     """This rank's saved RNG state; under another world size every rank continues rank 0's."""
     d = info()
-    state = states[d.rank] if len(states) == d.world_size else states[0]
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    rng.restore(states[d.rank] if len(states) == d.world_size else states[0])

@@ -1,16 +1,22 @@
 """Atomic, verifiable checkpoints: a directory per step, written under a temporary name and renamed.
 
 Layout of `checkpoints/step_000042/`: one `.safetensors` file per module (policy, reference),
-one `.pt` per other state (optimizer, scheduler, RNG), `trainer_state.json`, and last
-`manifest.json` with each file's size and SHA-256. A directory without a matching manifest
-(a crash mid-write, a corrupt disk) is skipped with a warning and the previous one is used.
-NaN/inf weights are never written. Retention: the newest `keep_last` (save_top_k; -1 keeps
-all) plus the best by the monitored metric.
+one `.state.safetensors` per other state (optimizer, scheduler, RNG; see `statefile`),
+`trainer_state.json`, and last `manifest.json` with each file's size and SHA-256. A directory
+without a matching manifest (a crash mid-write, a corrupt disk) is skipped with a warning and the
+previous one is used. NaN/inf weights are never written. Retention: the newest `keep_last`
+(save_top_k; -1 keeps all) plus the best by the monitored metric.
+
+Loading never runs code from the checkpoint, and reads only what its manifest lists: weights
+and states are safetensors + JSON (previous-format `.pt` states load with weights_only=True or
+are refused). The manifest sits beside the files, so it proves completeness, not origin: a
+checkpoint is refused (CheckpointError, not skipped) when its directory, its manifest or a
+listed file is a symbolic link, or an entry is not a plain file name (`../x`, `/abs`, `a/b`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import math
@@ -18,44 +24,31 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from spinlm.errors import CheckpointError
+from spinlm.utils.manifest import MANIFEST  # noqa: F401 (re-exported)
+from spinlm.utils.manifest import fsync, manifest_problem, member, read_manifest, write_manifest
+from spinlm.utils.statefile import LEGACY_SUFFIX, SUFFIX, load_legacy_pt, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that a reader sees the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -98,6 +91,15 @@ def _without_shared(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _readable(file: Path) -> Iterator[None]:
+    """A weights file safetensors cannot parse is a CheckpointError naming it."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 class Checkpointer:
     """Saves and finds checkpoints in one directory; keeps the newest `keep_last` plus the best."""
 
@@ -130,7 +132,7 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(self.directory)
+        fsync(self.directory)
         self._prune()
         return final
 
@@ -143,24 +145,16 @@ class Checkpointer:
                 save_file(_without_shared(module), str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
         _test_delay()  # SPINLM_TEST_SAVE_DELAY: lets tests kill a process in the middle of a save
         for name, state in states.items():
-            torch.save(state, tmp / f"{name}.pt")
+            save_state(state, tmp / f"{name}{SUFFIX}")
         (tmp / STATE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        for p in files:
-            _fsync(p)
-        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
+        write_manifest(tmp)
 
-    def is_valid(self, path: Path) -> bool:
+    @staticmethod
+    def is_valid(path: Path) -> bool:
+        """The manifest matches every file it lists (False too for a refused checkpoint)."""
         try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-            return all(
-                (path / name).stat().st_size == entry["bytes"] and _sha256(path / name) == entry["sha256"]
-                for name, entry in manifest.items()
-            )
-        except (OSError, ValueError, KeyError, TypeError):
+            return manifest_problem(path) is None
+        except CheckpointError:
             return False
 
     def step_dirs(self) -> list[Path]:
@@ -170,31 +164,47 @@ class Checkpointer:
         return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
-        """The newest checkpoint whose manifest verifies; broken ones are reported and skipped."""
+        """The newest checkpoint whose manifest verifies; broken ones are reported and skipped, a
+        refused one (see the module docstring) raises CheckpointError."""
         for path in reversed(self.step_dirs()):
-            if self.is_valid(path):
+            problem = manifest_problem(path)
+            if problem is None:
                 self._just_verified = path
                 return path
-            log.warning("checkpoint %s is incomplete or corrupt; trying the previous one", path)
+            log.warning("checkpoint %s is incomplete or corrupt; trying the previous one (%s)", path, problem)
         return None
 
-    def load(self, path: Path, modules: dict[str, nn.Module]) -> tuple[dict[str, Any], dict]:
-        """Load weights into `modules`; return (other states, trainer meta)."""
+    def verify(self, path: Path, names: list[str] | None = None) -> None:
+        """CheckpointError unless every file the manifest lists (or each of `names`) matches it
+        (latest()'s answer: already done)."""
         verified, self._just_verified = path == self._just_verified, None
-        if not verified and not self.is_valid(path):
-            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (manifest does not match)")
+        problem = None if verified else manifest_problem(path, names)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({problem})")
+
+    def load(self, path: Path, modules: dict[str, nn.Module]) -> tuple[dict[str, Any], dict]:
+        """Load weights into `modules`; return (other states, trainer meta). Reads only files the
+        manifest lists, and runs no code from them."""
+        self.verify(path)
         for name, module in modules.items():
-            load_model(module, str(path / f"{name}.safetensors"))
-        states = {
-            p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in sorted(path.glob("*.pt"))
-        }
-        meta = json.loads((path / STATE).read_text(encoding="utf-8"))
+            file = member(path, f"{name}.safetensors")
+            with _readable(file):
+                load_model(module, str(file))
+        states = {}
+        for name in read_manifest(path):
+            if name.endswith(SUFFIX):
+                states[name[: -len(SUFFIX)]] = load_state(path / name)
+            elif name.endswith(LEGACY_SUFFIX):
+                states[name[: -len(LEGACY_SUFFIX)]] = load_legacy_pt(path / name)
+        meta = json.loads(member(path, STATE).read_text(encoding="utf-8"))
         return states, meta
 
     @staticmethod
     def weights(path: Path, name: str) -> dict[str, Tensor]:
         """The tensors of `{name}.safetensors` in a checkpoint (a tied weight appears under one name)."""
-        return load_file(str(path / f"{name}.safetensors"))
+        file = member(path, f"{name}.safetensors")
+        with _readable(file):
+            return load_file(str(file))
 
     def _metric(self, path: Path) -> float | None:
         try:
