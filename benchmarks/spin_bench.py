@@ -151,7 +151,7 @@ def run_baseline(model_dir: Path, data: Path, w: dict) -> dict:
     from spinlm.model.generation import stop_token_ids
 
     policy, tokenizer, renderer, ds, messages = load_samples(model_dir, data, w)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     stop_ids = stop_token_ids(tokenizer, renderer.end_strings)
     torch.manual_seed(COMMON["seed"])
 

@@ -9,6 +9,7 @@
     spinlm make-task DIR                  # the bundled verifiable chat task: DIR/{train,validation,test}.jsonl
     spinlm evaluate MODEL FILE            # held-out accuracy + SFT loss (MODEL: dir, .gguf, checkpoint, run dir)
     spinlm report RUN_DIR                 # RUN_DIR/report.png + report.md, prints the per-iteration table
+    spinlm convert-checkpoint STEP_DIR --trusted   # old .pt states -> safe files; RUNS PICKLE: trusted files only
     python -m spinlm ...                  # the same
 
 A user error (bad config, bad data, broken checkpoint) prints one line and exits 2; set
@@ -117,8 +118,10 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N conversations")
     parser.add_argument("--out", default=None, help="write every answer to this JSONL")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code the model directory ships (auto_map): only for a model you trust")
     args = parser.parse_args(argv)
-    model, tokenizer = load_model_for_eval(args.model)
+    model, tokenizer = load_model_for_eval(args.model, trust_remote_code=args.trust_remote_code)
     renderer = ChatRenderer(tokenizer)
     items = load_eval_items(args.file, renderer, context_length(model), args.max_new_tokens, args.limit)
     result = evaluate(model, tokenizer, items, renderer.end_strings, args.max_new_tokens, args.batch_size)
@@ -138,9 +141,29 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _convert_checkpoint(argv: list[str]) -> int:
+    from spinlm.errors import ConfigError
+    from spinlm.utils.convert import convert_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="spinlm convert-checkpoint",
+        description="rewrite a previous-format checkpoint's .pt states as safe state files. This RUNS PICKLE "
+                    "(torch.load weights_only=False), which executes any code the files hold: use it only on a "
+                    "checkpoint you trust.")
+    parser.add_argument("step_dir", help="a checkpoint directory, RUN/checkpoints/step_N")
+    parser.add_argument("--trusted", action="store_true", help="I trust these files (required: pickle runs their code)")
+    args = parser.parse_args(argv)
+    if not args.trusted:
+        raise ConfigError("convert-checkpoint runs pickle, which executes any code the files hold: pass --trusted "
+                          "only for a checkpoint you trust")
+    for path in convert_checkpoint(args.step_dir):
+        print(path)
+    return 0
+
+
 COMMANDS = {
     "train": _train, "make-tiny-model": _make_tiny_model, "prepare-model": _prepare_model,
-    "make-task": _make_task, "evaluate": _evaluate, "report": _report,
+    "make-task": _make_task, "evaluate": _evaluate, "report": _report, "convert-checkpoint": _convert_checkpoint,
 }
 
 

@@ -35,8 +35,11 @@ from spinlm.data.chat import read_chat_jsonl
 from spinlm.data.dataset import fit_to_length
 from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
+from spinlm.model import parallel
 from spinlm.model.generation import SamplingParams
+from spinlm.utils.checkpoint import atomic_write_text
 from spinlm.utils.distributed import info
+from spinlm.utils.rundir import RUN_CONFIG, lookup, read_run_config, refuse_links_out
 
 log = logging.getLogger(__name__)
 
@@ -182,33 +185,43 @@ class HeldOutEvaluator:
 
 def write_records(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def load_model_for_eval(path: str | Path):
-    """(model, tokenizer) from a model directory, a .gguf, a checkpoint directory or a run directory."""
+def load_model_for_eval(path: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer) from a model directory, a .gguf, a checkpoint directory or a run directory.
+
+    Nothing found there runs code: a run directory with a link leading out of it is refused, a
+    checkpoint is verified against its manifest, and the model's own Python code (auto_map) runs
+    only with `trust_remote_code` (`--trust-remote-code`), never because a run's config asks."""
     from spinlm.model.loading import load_pretrained
 
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file():
         if (path / "final" / "config.json").is_file():
-            return load_pretrained(path / "final")
+            refuse_links_out(path, "evaluate")
+            return load_pretrained(path / "final", trust_remote_code=trust_remote_code)
         if (path / "policy.safetensors").is_file():
-            return _load_checkpoint_policy(path)
-    return load_pretrained(path)
+            return _load_checkpoint_policy(path, trust_remote_code)
+    return load_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def _load_checkpoint_policy(ckpt_dir: Path):
+def _load_checkpoint_policy(ckpt_dir: Path, trust_remote_code: bool):
     """A checkpoint holds only weights: load the run's base model, then the policy weights into it."""
-    from omegaconf import OmegaConf
-    from safetensors.torch import load_model
-
     from spinlm.model.loading import load_pretrained
+    from spinlm.utils.checkpoint import Checkpointer
 
-    run_config = ckpt_dir.parent.parent / "config.yaml"
-    if not run_config.is_file():
-        raise ConfigError(f"{ckpt_dir}: a checkpoint directory, but {run_config} (which names its base model) is missing")
-    base = OmegaConf.load(run_config).pretrained_checkpoint.restore_from_path
-    model, tokenizer = load_pretrained(base)
-    load_model(model, str(ckpt_dir / "policy.safetensors"))
+    run_dir = ckpt_dir.parent.parent
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"{ckpt_dir}: a checkpoint directory, but {run_dir / RUN_CONFIG} (which names its base "
+                          "model) is missing")
+    refuse_links_out(run_dir, "evaluate")
+    checkpointer = Checkpointer(ckpt_dir.parent)
+    checkpointer.verify(ckpt_dir, ["policy.safetensors"])  # what it reads matches; no link, no entry outside
+    base = lookup(read_run_config(run_dir), "pretrained_checkpoint.restore_from_path")
+    if not isinstance(base, str) or "${" in base:
+        raise ConfigError(f"{run_dir / RUN_CONFIG}: pretrained_checkpoint.restore_from_path must be a plain path, "
+                          f"got {base!r}")
+    model, tokenizer = load_pretrained(base, trust_remote_code=trust_remote_code)
+    parallel.load_full_state_dict(model, checkpointer.weights(ckpt_dir, "policy"))
     return model, tokenizer

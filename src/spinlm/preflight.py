@@ -3,7 +3,7 @@
 `prepare(cfg)` checks, in order:
   1. the config (`config.validate`: impossible values, types, batch sizes, KL schedule, max_time);
   2. the paths it names (data files, the model) and the run directory (an existing checkpoint with
-     `exp_manager.resume_if_exists=false` is an error, not an overwrite);
+     `exp_manager.resume_if_exists=false` is an error, not an overwrite; no link may lead out of it);
   3. the data: every record is read, rendered with the model's tokenizer and held against the
      length limits (from the model's config, read without its weights);
   4. the step counts (enough samples for one global batch, valid intervals).
@@ -27,6 +27,7 @@ from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
 from spinlm.model.loading import context_length, load_model_config, load_tokenizer
 from spinlm.utils.checkpoint import Checkpointer
+from spinlm.utils.rundir import refuse_links_out
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def prepare(cfg: DictConfig, world_size: int = 1) -> Prepared:
     validate(cfg, world_size)
     check_paths(cfg)
     check_run_dir(cfg)
-    model_path = cfg.pretrained_checkpoint.restore_from_path
-    tokenizer = load_tokenizer(model_path)
-    context = context_length(load_model_config(model_path))
+    model_path, trust = cfg.pretrained_checkpoint.restore_from_path, cfg.pretrained_checkpoint.trust_remote_code
+    tokenizer = load_tokenizer(model_path, trust)
+    context = context_length(load_model_config(model_path, trust))
     if cfg.model.encoder_seq_length is None:
         cfg.model.encoder_seq_length = context
     OmegaConf.resolve(cfg)
@@ -79,10 +80,12 @@ def check_paths(cfg: DictConfig) -> None:
 
 
 def check_run_dir(cfg: DictConfig) -> None:
-    """The run directory can be used: not a file; existing checkpoints only when resuming."""
+    """The run directory can be used: not a file, no link leading out of it (`rundir.refuse_links_out`);
+    existing checkpoints only when resuming."""
     run_dir = Path(cfg.exp_manager.explicit_log_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"config: exp_manager.explicit_log_dir: {run_dir} is a file, expected a directory")
+    refuse_links_out(run_dir)
     existing = Checkpointer(run_dir / "checkpoints").step_dirs()
     if existing and not cfg.exp_manager.resume_if_exists:
         raise ConfigError(

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from spinlm.errors import DataError
+from spinlm.utils.checkpoint import atomic_write_text
 from spinlm.utils.logger import read_jsonl
+from spinlm.utils.rundir import RUN_CONFIG, lookup, read_run_config, refuse_links_out
 
 TABLE_COLUMNS = (
     ("iteration", "iteration"), ("held-out acc", "accuracy"), ("held-out SFT loss", "sft_loss"),
@@ -110,17 +113,14 @@ def skill_table(eval_dir: Path) -> str | None:
 
 
 def _settings(run_dir: Path) -> str:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    if not (run_dir / RUN_CONFIG).is_file():
         return ""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(path)
+    cfg = read_run_config(run_dir)  # plain data: a foreign ${oc.env:...} is shown, never resolved
     keys = ["pretrained_checkpoint.restore_from_path", "model.optim.lr", "model.optim.sched.name",
             "model.spin.ref_policy_kl_penalty", "model.global_batch_size", "trainer.spin.limit_train_batches",
             "trainer.spin.max_iterations", "trainer.spin.max_epochs", "model.spin.sampling_params.temperature",
             "model.spin.length_params.max_length", "trainer.precision", "model.seed", "model.data.test_ds.file_path"]
-    lines = [f"- `{k}`: {OmegaConf.select(cfg, k)}" for k in keys if OmegaConf.select(cfg, k, default="?") != "?"]
+    lines = [f"- `{k}`: {lookup(cfg, k)}" for k in keys if lookup(cfg, k, default="?") != "?"]
     return "\n".join(lines)
 
 
@@ -176,14 +176,17 @@ def plot(metrics: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
             ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     fig.suptitle("SPIN run: dotted lines mark iteration ends")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(tmp, out)  # replaces a link at `out` instead of writing through it
     return out
 
 
 def write_report(run_dir: str | Path) -> str:
     """Write report.png and report.md into the run directory; returns the per-iteration table."""
     run_dir = Path(run_dir)
+    refuse_links_out(run_dir, "report")  # it writes report.png / report.md there
     metrics = read_metrics(run_dir)
     rows = iteration_rows(metrics)
     if not rows:
@@ -200,5 +203,5 @@ def write_report(run_dir: str | Path) -> str:
     settings = _settings(run_dir)
     if settings:
         parts += ["", "## Settings", "", settings]
-    (run_dir / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
+    atomic_write_text(run_dir / "report.md", "\n".join(parts) + "\n")
     return table

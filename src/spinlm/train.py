@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from spinlm.algorithms.rollouts import RolloutStore
 from spinlm.algorithms.spin import SPINTrainer, count_steps
 from spinlm.config import check_num_nodes, parse_max_time
-from spinlm.errors import ConfigError
+from spinlm.errors import CheckpointError, ConfigError
 from spinlm.evaluation import HeldOutEvaluator
 from spinlm.model import parallel
 from spinlm.model.loading import load_model
@@ -25,6 +25,7 @@ from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
 from spinlm.utils.distributed import broadcast_from_main, info, init_distributed
 from spinlm.utils.logger import RunLogger, RunTimer
 from spinlm.utils.trackers import build_trackers
+from spinlm.utils.rundir import RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +99,17 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     run_dir = Path(cfg.exp_manager.explicit_log_dir)
     ckpt = cfg.exp_manager.checkpoint_callback_params
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
-    latest = checkpointer.latest() if cfg.exp_manager.resume_if_exists and launch.is_main else None
-    latest = broadcast_from_main(latest)  # every rank resumes the checkpoint rank 0 verified
+    resume = read_resume(cfg, checkpointer)  # before anything is written: a refused checkpoint changes nothing
     # trackers (W&B, MLflow) connect before the weights load: a login problem shows in seconds
-    trackers = build_trackers(cfg, run_dir, resuming=latest is not None) if launch.is_main else []
+    trackers = build_trackers(cfg, run_dir, resuming=resume is not None) if launch.is_main else []
     logger = RunLogger(run_dir, tensorboard=cfg.exp_manager.create_tensorboard_logger, active=launch.is_main,
                        sinks=trackers)
     evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
     seed_everything(cfg.model.seed)
     policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer,
-                        cpu_linear_kernel=cfg.model.cpu_linear_kernel)
+                        cpu_linear_kernel=cfg.model.cpu_linear_kernel,
+                        trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
+    vocab_size = policy.get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
     reference = ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
     policy = parallel.wrap_policy(policy, strategy, device)
     reference.module = parallel.place_reference(reference.module, strategy, device)
@@ -118,23 +120,42 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
                  strategy, torch.distributed.get_backend())
 
     if launch.is_main:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))
     _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
     optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
     trainer = SPINTrainer(
         cfg, policy, reference, prep.tokenizer, optimizer, scheduler, prep.train, prep.val,
-        logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts"),
+        logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts", vocab_size),
         run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")),
         end_strings=prep.renderer.end_strings, evaluator=evaluator,
     )
 
-    if latest is not None:
-        trainer.restore(latest)
-    elif cfg.exp_manager.resume_if_exists and not cfg.exp_manager.resume_ignore_no_checkpoint:
-        raise ConfigError(f"config: exp_manager.resume_if_exists: no checkpoint in {checkpointer.directory}")
+    if resume is not None:
+        trainer.restore(*resume)
     else:
         logger.rewind(-1)  # rows of an earlier attempt that died before its first checkpoint
     return trainer
+
+
+def read_resume(cfg: DictConfig, checkpointer: Checkpointer) -> tuple[Path, tuple[dict, dict]] | None:
+    """(path, (states, meta)) of the checkpoint to resume, or None. Rank 0 finds and verifies it;
+    every rank reads it (a refusal raises on every rank, so none waits for the others)."""
+    if not cfg.exp_manager.resume_if_exists:
+        return None
+    found: Path | CheckpointError | None = None
+    if info().is_main:
+        try:
+            found = checkpointer.latest()
+        except CheckpointError as e:
+            found = e
+    found = broadcast_from_main(found)
+    if isinstance(found, CheckpointError):
+        raise found
+    if found is None:
+        if not cfg.exp_manager.resume_ignore_no_checkpoint:
+            raise ConfigError(f"config: exp_manager.resume_if_exists: no checkpoint in {checkpointer.directory}")
+        return None
+    return found, checkpointer.load(found, {})
 
 
 def run(cfg: DictConfig) -> SPINTrainer:

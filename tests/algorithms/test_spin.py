@@ -2,8 +2,10 @@
 
 import json
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,6 +227,35 @@ def test_resume_with_dropout_restores_rng(tmp_path, chat_files, monkeypatch):
     resumed = build_trainer(cfg)
     resumed.fit()
     assert torch.equal(params_vector(resumed.policy), params_vector(full.policy))
+
+
+def test_resume_continues_every_rng_stream(cfg_factory, monkeypatch):
+    """torch, numpy and Python `random` draws after a resume equal an uninterrupted run's, bitwise
+    (the checkpoint saves and restores each stream; build_trainer's seeding alone would not match)."""
+    real_step = SPINTrainer.train_single_step
+    draws, crash_at = {}, []
+
+    def drawing(self, batch):
+        if self.step in crash_at:
+            raise RuntimeError("simulated crash")
+        draws[self.step] = (torch.rand(2).tolist(), np.random.rand(2).tolist(), np.random.normal(),
+                            random.random(), random.gauss(0, 1))
+        return real_step(self, batch)
+
+    monkeypatch.setattr(SPINTrainer, "train_single_step", drawing)
+    kernel = "model.cpu_linear_kernel=default"  # "auto" measures with torch.randn once per process
+    build_trainer(cfg_factory(kernel, run_name="full")).fit()
+    full = dict(draws)
+    cfg = cfg_factory(kernel, run_name="crashy")
+    crash_at.append(5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_trainer(cfg).fit()
+    crash_at.clear()
+    draws.clear()
+    resumed = build_trainer(cfg)
+    assert resumed.step == 4
+    resumed.fit()
+    assert draws == {step: full[step] for step in range(4, 8)}
 
 
 def test_max_time_validates_saves_and_stops(cfg_factory):

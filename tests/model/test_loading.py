@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spinlm.errors import ConfigError
 from spinlm.model.loading import context_length, export_hf, load_pretrained
 from spinlm.model.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
+from untrusted import remote_code_dir
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +179,55 @@ def test_load_real_gguf_and_export(tmp_path):
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+# ----- a model directory's own Python code runs only when a key allows it -------------------------------
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+def test_a_model_asking_for_remote_code_is_refused_unless_allowed(tiny_dir, tmp_path, file):
+    from spinlm.model.loading import load_model_config, load_tokenizer
+
+    model_dir, marker = remote_code_dir(tiny_dir, tmp_path, file)
+    for load in (load_tokenizer, load_model_config, load_pretrained):
+        with pytest.raises(ConfigError) as err:
+            load(model_dir)
+        message = str(err.value)
+        assert message.startswith(f"pretrained_checkpoint.trust_remote_code: {model_dir / file} asks to run Python")
+        assert "pretrained_checkpoint.trust_remote_code=true" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_trust_remote_code_is_passed_to_transformers_explicitly(tiny_dir, tmp_path, monkeypatch):
+    """False by default (transformers' own default, None, may prompt on a terminal), True when allowed."""
+    import transformers
+
+    from spinlm.model.loading import load_model_config
+
+    seen = []
+    real = transformers.AutoConfig.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "unset"))
+        return real(cls, *args, **{**kwargs, "trust_remote_code": False})  # the test never runs the code
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", classmethod(spy))
+    load_model_config(tiny_dir)
+    model_dir, marker = remote_code_dir(tiny_dir, tmp_path, model_type="llama")
+    load_model_config(model_dir, trust_remote_code=True)
+    assert seen == [False, True]
+    assert not marker.exists()
+
+
+def test_train_refuses_a_remote_code_model_before_writing(tiny_dir, tmp_path, capsys):
+    from spinlm import cli
+
+    model_dir, marker = remote_code_dir(tiny_dir, tmp_path)
+    run = tmp_path / "run"
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                  "content": "hello"}]}) + "\n")
+    code = cli.main(["train", f"pretrained_checkpoint.restore_from_path={model_dir}",
+                     f"model.data.train_ds.file_path={data}", f"model.data.validation_ds.file_path={data}",
+                     f"exp_manager.explicit_log_dir={run}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "spinlm: error: pretrained_checkpoint.trust_remote_code:" in err
+    assert not run.exists() and not marker.exists()

@@ -239,11 +239,11 @@ class SPINTrainer:
     def _rollouts_for(self, iteration: int, epoch: int) -> dict[int, Rollout]:
         per_epoch = bool(self.model_cfg.spin.regenerate_each_epoch)
         key_epoch = epoch if per_epoch else None
-        cached = broadcast_from_main(self.rollouts.load(iteration, key_epoch) if info().is_main else None)
-        if cached is not None:
-            return cached
         epochs = range(epoch, epoch + 1) if per_epoch else range(self.cfg.max_epochs)
         indices = self._used_indices(iteration, epochs)
+        cached = broadcast_from_main(self.rollouts.load(iteration, key_epoch, indices) if info().is_main else None)
+        if cached is not None:
+            return cached
         items = [self.train_dataset[i] for i in indices]
         prompts = [list(it["prompt_ids"]) for it in items]
 
@@ -468,9 +468,9 @@ class SPINTrainer:
             self.checkpointer.save(self.step, modules=modules, states=states, meta=self.state_dict())
         barrier()
 
-    def restore(self, path) -> None:
-        """Resume from a checkpoint directory written by `save`."""
-        states, meta = self.checkpointer.load(path, {})
+    def restore(self, path, loaded: tuple[dict, dict] | None = None) -> None:
+        """Resume from a checkpoint directory written by `save` (`loaded`: its (states, meta), already read)."""
+        states, meta = loaded or self.checkpointer.load(path, {})
         parallel.load_full_state_dict(self.policy, self.checkpointer.weights(path, "policy"))
         parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
         parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])

@@ -2,10 +2,18 @@
 
 GGUF files are de-quantised to plain float weights on load (transformers does the conversion),
 so everything downstream trains an ordinary ``PreTrainedModel`` and exports safetensors.
+
+Loading a model runs none of its code: ``trust_remote_code`` is passed as False unless the
+caller allows it (``pretrained_checkpoint.trust_remote_code``, ``spinlm evaluate
+--trust-remote-code``), and a directory whose config.json or tokenizer_config.json asks for its
+own Python classes (``auto_map``) is refused with a ConfigError instead of silently getting a
+built-in class. ``pytorch_model.bin`` weights load with ``weights_only=True``; GGUF files are
+parsed as data (gguf's reader: numpy memmap of the tensor blocks, typed metadata fields).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,50 +34,72 @@ from spinlm.errors import ConfigError
 from spinlm.model.kernels import use_onednn_linears
 
 CONFIG_KEY = "pretrained_checkpoint.restore_from_path"
+TRUST_KEY = "pretrained_checkpoint.trust_remote_code"
+# files whose `auto_map` makes transformers import Python code from the model directory
+_CODE_MAPS = ("config.json", "tokenizer_config.json")
 
 # Config attributes different architectures use for the maximum sequence length, in order of preference.
 _CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def load_pretrained(
-    path: str | Path, torch_dtype: torch.dtype = torch.float32
+    path: str | Path, torch_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer; a missing pad token becomes eos (we right-pad with eos)."""
-    tokenizer = load_tokenizer(path)
-    return load_model(path, tokenizer, torch_dtype), tokenizer
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    return load_model(path, tokenizer, torch_dtype, trust_remote_code=trust_remote_code), tokenizer
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer alone (cheap): data can be checked before the weights load."""
-    return _from_pretrained(AutoTokenizer, path, "a tokenizer")
+    return _from_pretrained(AutoTokenizer, path, "a tokenizer", trust_remote_code)
 
 
-def load_model_config(path: str | Path) -> PretrainedConfig:
+def load_model_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config alone (cheap): its context length is known before the weights load."""
-    return _from_pretrained(AutoConfig, path, "a model config")
+    return _from_pretrained(AutoConfig, path, "a model config", trust_remote_code)
 
 
 def load_model(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32,
-    cpu_linear_kernel: str = "auto",
+    cpu_linear_kernel: str = "auto", trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The weights; gives `tokenizer` a pad token (eos) if it has none and makes the model agree.
 
     Linear layers run fp32 CPU products through oneDNN where it is faster (`use_onednn_linears`).
     """
-    model = _from_pretrained(AutoModelForCausalLM, path, "a causal LM", dtype=torch_dtype)
+    model = _from_pretrained(AutoModelForCausalLM, path, "a causal LM", trust_remote_code, dtype=torch_dtype,
+                             weights_only=True)
     _drop_gguf_quantizer(model)
     _ensure_pad_token(model, tokenizer)
     use_onednn_linears(model, cpu_linear_kernel)
     return model
 
 
-def _from_pretrained(auto_cls, path: str | Path, what: str, **extra):
+def _from_pretrained(auto_cls, path: str | Path, what: str, trust_remote_code: bool, **extra):
     source, kwargs = _from_pretrained_args(Path(path))
+    if not trust_remote_code:
+        refuse_remote_code(Path(path))
     try:
-        return auto_cls.from_pretrained(source, **kwargs, **extra)
+        return auto_cls.from_pretrained(source, **kwargs, **extra, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{CONFIG_KEY}: cannot load {what} from {path}: {e}") from e
+
+
+def refuse_remote_code(path: Path) -> None:
+    """ConfigError when a model directory asks transformers to import its own Python code (auto_map)."""
+    for name in _CODE_MAPS if path.is_dir() else ():
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent, or broken: transformers names the problem when it reads the file
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ConfigError(
+                f"{TRUST_KEY}: {path / name} asks to run Python code shipped with the model (auto_map: "
+                f"{', '.join(map(str, data['auto_map']))}); spinlm runs it only when {TRUST_KEY}=true "
+                "(spinlm evaluate: --trust-remote-code), which executes that code with your permissions: "
+                "allow it only for a model you trust"
+            )
 
 
 def _from_pretrained_args(path: Path) -> tuple[str, dict]:

@@ -164,18 +164,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue  # a line cut short by a crash
+        if _step(row) != math.inf:  # not a row at all (the file is data from the run directory)
+            rows.append(row)
     return rows
 
 
 def _row_step(line: str) -> float:
-    """A row's step; a line cut short by a crash mid-append is unreadable and is dropped (inf)."""
+    """A row's step; a line cut short by a crash mid-append (or not a row at all) is dropped (inf)."""
     try:
-        return json.loads(line).get("step", 0)
+        return _step(json.loads(line))
     except ValueError:
         return math.inf
+
+
+def _step(row: Any) -> float:
+    step = row.get("step", 0) if isinstance(row, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 def _plain(value: Any) -> Any:
