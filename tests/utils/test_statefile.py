@@ -35,7 +35,8 @@ def test_plain_containers_round_trip(tmp_path):
         "param_groups": [{"betas": (0.9, 0.98), "params": [0, 1], "foreach": None, "fused": True, "lr": 1e-3}],
         "again": shared,  # the same tensor twice: stored once, loads as one object
         "view": shared[2:4], "transposed": shared.view(2, 3).t(),
-        "dtypes": [torch.ones(2, dtype=d) for d in (torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.bool)],
+        "dtypes": [torch.ones(2, dtype=d)
+                   for d in (torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.bool)],
         "empty": [torch.zeros(0), torch.zeros(0, 3, dtype=torch.int32)],
         "floats": [float("nan"), float("inf"), float("-inf"), -0.0, 1e-300],
         "ints": [0, -1, 2**70], "strings": ["", "é", "{\"tensor\": \"0\"}"], "flags": [True, False, None],
