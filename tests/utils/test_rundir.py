@@ -7,7 +7,7 @@ from spinlm.utils.rundir import lookup, read_run_config, refuse_links_out
 
 
 @pytest.mark.parametrize("entry", ["checkpoints", "rollouts", "final", "report.md", "checkpoints/step_000002",
-                                   "metrics.jsonl"])
+                                   "metrics.jsonl", "mlruns"])
 def test_a_link_leading_out_of_the_run_directory_is_refused(tmp_path, entry):
     run = tmp_path / "run"
     run.mkdir()
@@ -23,6 +23,8 @@ def test_a_link_leading_out_of_the_run_directory_is_refused(tmp_path, entry):
 def test_links_that_stay_inside_and_a_linked_run_directory_are_fine(tmp_path):
     real = tmp_path / "disk" / "run"
     (real / "checkpoints" / "step_000001").mkdir(parents=True)
+    (real / "wandb" / "offline-run-1" / "logs").mkdir(parents=True)  # W&B links its debug log to ~/.cache
+    (real / "wandb" / "offline-run-1" / "logs" / "debug-core.log").symlink_to(tmp_path / "cache.log")
     (real / "latest").symlink_to("checkpoints/step_000001")
     (real / "checkpoints" / "up").symlink_to("..")
     (tmp_path / "run").symlink_to(real)  # explicit_log_dir may itself be a link

@@ -6,7 +6,9 @@ contents are treated as untrusted:
   replaces and deletes files there (checkpoints, rollouts, final/, reports), so a link such as
   `checkpoints -> /elsewhere` or `report.md -> ~/.bashrc` would make it write elsewhere. Links that
   stay inside are fine, and `exp_manager.explicit_log_dir` may itself be a link (to keep a run on
-  another disk, point explicit_log_dir there rather than linking its parts);
+  another disk, point explicit_log_dir there rather than linking its parts). The folders the
+  experiment trackers manage (`wandb/`, `mlruns/`) are checked as entries but not entered: W&B
+  links its debug logs to ~/.cache, and spinlm writes nothing inside them itself;
 - the run's `config.yaml` is read as plain YAML data (`read_run_config`): no interpolation or
   resolver runs (spinlm writes it resolved), so a foreign `${oc.env:SECRET}` stays a string.
 """
@@ -22,6 +24,7 @@ import yaml
 from spinlm.errors import ConfigError
 
 RUN_CONFIG = "config.yaml"  # the composed, resolved config of the run, written at its start
+TRACKER_DIRS = ("wandb", "mlruns")  # written by W&B / MLflow themselves (utils/trackers.py), with links of their own
 
 
 def refuse_links_out(run_dir: str | Path, what: str = "exp_manager.explicit_log_dir") -> None:
@@ -31,7 +34,10 @@ def refuse_links_out(run_dir: str | Path, what: str = "exp_manager.explicit_log_
         return
     root = run_dir.resolve()
     for folder, dirs, files in os.walk(run_dir):  # links to folders are listed, not entered
-        for name in dirs + files:
+        entries = dirs + files
+        if Path(folder) == run_dir:
+            dirs[:] = [d for d in dirs if d not in TRACKER_DIRS]
+        for name in entries:
             path = Path(folder, name)
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 raise ConfigError(
