@@ -89,3 +89,23 @@ def test_prepare_model_names_a_missing_gguf(tmp_path, tiny_model_dir):
     result = spinlm("prepare-model", "--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "m"),
                     cwd=tmp_path)
     assert result.returncode == 2 and "missing.gguf" in result.stderr
+
+
+def test_devices_from_one_process_starts_them(tmp_path, tiny_model_dir, chat_files):
+    """`trainer.devices=2` without torchrun: spinlm starts the 2 processes itself (NeMo's commands
+    ask for devices this way; Lightning starts them for NeMo)."""
+    run_dir = tmp_path / "run"
+    result = spinlm(
+        "train", f"pretrained_checkpoint.restore_from_path={tiny_model_dir}",
+        f"model.data.train_ds.file_path={chat_files[0]}", f"model.data.validation_ds.file_path={chat_files[1]}",
+        f"exp_manager.explicit_log_dir={run_dir}", "trainer.devices=2", "trainer.accelerator=cpu",
+        "trainer.precision=32", "trainer.spin.max_iterations=1", "trainer.spin.limit_train_batches=1",
+        "model.global_batch_size=4", "model.micro_batch_size=2", "model.encoder_seq_length=128",
+        "model.spin.length_params.max_length=16", "model.optim.sched.name=Constant",
+        "model.optim.sched.warmup_steps=0", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainer.devices=2: starting 2 processes" in result.stderr
+    assert "2 processes on 1 node(s), strategy ddp" in result.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1]

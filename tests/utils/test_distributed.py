@@ -47,3 +47,23 @@ def test_two_ranks_agree(tmp_path):
         assert torch.equal(r["rows"], torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
         assert r["main"] == "from 0"
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_local_launch_starts_the_devices_a_lone_process_was_asked_for(monkeypatch):
+    import pytest
+
+    from spinlm.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["trainer.devices=2", "model.seed=3"]
+    assert D.local_launch(None, 1, "cpu", argv) is None and D.local_launch(1, 1, "cpu", argv) is None
+    command = D.local_launch(2, 1, "cpu", argv)
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "spinlm", "train", *argv]
+    with pytest.raises(ConfigError, match="trainer.num_nodes=2: start spinlm on each node with torchrun"):
+        D.local_launch(8, 2, "cpu", argv)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="trainer.devices=2 but 1 CUDA device"):
+        D.local_launch(2, 1, "gpu", argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already started by a launcher
+    assert D.local_launch(2, 1, "cpu", argv) is None

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from spinlm.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -87,6 +90,23 @@ def init_distributed(accelerator: str = "auto") -> DistInfo:
     if dist.get_rank() != 0:
         logging.getLogger("spinlm").setLevel(logging.WARNING)
     return info()
+
+
+def local_launch(devices: Any, num_nodes: int, accelerator: str, argv: list[str]) -> list[str] | None:
+    """The command that starts `trainer.devices` processes of `spinlm train argv` on this machine when
+    spinlm was started as one process, as Lightning starts a node's processes for NeMo: torchrun's
+    launcher, standalone. None when there is nothing to start (one device, or already launched)."""
+    if not isinstance(devices, int) or devices <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    if num_nodes > 1:
+        raise ConfigError(f"config: trainer.num_nodes={num_nodes}: start spinlm on each node with torchrun "
+                          f"(--nnodes {num_nodes} --nproc_per_node {devices}); see README, Multi-GPU / multi-node")
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if cuda and devices > torch.cuda.device_count():
+        raise ConfigError(f"config: trainer.devices={devices} but {torch.cuda.device_count()} CUDA device(s) "
+                          "are visible; lower trainer.devices")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+            "-m", "spinlm", "train", *argv]
 
 
 def destroy_distributed() -> None:
