@@ -203,6 +203,7 @@ CONFIGS = {
                            "unknown key 'exp_manager.mlflow_logger_kwargs.log_model'"),
     "wandb_tags_not_a_list": ("exp_manager.wandb_logger_kwargs.tags=spin", "wandb_logger_kwargs.tags' must be a list"),
     "mlflow_tags_not_a_mapping": ("exp_manager.mlflow_logger_kwargs.tags=[a]", "mlflow_logger_kwargs.tags' must be a"),
+    "mlflow_tags_nested": ("exp_manager.mlflow_logger_kwargs.tags={a:[1]}", "tags must map names to plain values"),
     "tensor_parallel": ("++model.tensor_model_parallel_size=2", "model.tensor_model_parallel_size=2 is not supported"),
 }
 

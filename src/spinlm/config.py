@@ -129,7 +129,9 @@ def _first_line(e: Exception, defaults: DictConfig | None) -> str:
     unknown = re.search(r"Could not override '([^']+)'", text)
     if unknown and "not in struct" in f"{text} {e.__cause__}":
         path = unknown.group(1)
-        parent = OmegaConf.select(defaults, path.rpartition(".")[0]) if defaults is not None and "." in path else defaults
+        parent = defaults
+        if defaults is not None and "." in path:
+            parent = OmegaConf.select(defaults, path.rpartition(".")[0])
         return unknown_key(path, list(parent.keys()) if isinstance(parent, DictConfig) else [])
     lines = text.strip().splitlines()
     return f"config: {lines[0] if lines else type(e).__name__}"

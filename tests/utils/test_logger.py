@@ -177,7 +177,8 @@ def test_sinks_get_the_scalars_tables_and_kept_rows(tmp_path):
     kind, step, kept = sink.calls[4]
     assert (kind, step) == ("rewind", 1)
     assert [(s, k) for s, k, _ in kept] == [(1, "metrics"), (1, "metrics"), (1, "table")]
-    assert kept[0][2][0] == {"train/loss": 0.5, "n": 3} and kept[2][2] == ("samples", [{"prompt": "p", "response": "r"}])
+    assert kept[0][2][0] == {"train/loss": 0.5, "n": 3}
+    assert kept[2][2] == ("samples", [{"prompt": "p", "response": "r"}])
     assert sink.calls[5:] == [("report", [{"iteration": 1}], [tmp_path / "report.md"]), ("close",)]
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from spinlm.utils.logger import RunLogger
-from spinlm.utils.trackers import TRACKERS_FILE, MlflowSink, WandbSink, offline_history
+from spinlm.utils.trackers import TRACKERS_FILE, MlflowSink, WandbSink, _records, offline_history
 
 
 @pytest.fixture
@@ -234,5 +234,9 @@ def test_kill_and_resume_keep_each_step_once_in_wandb_and_mlflow(tmp_path, tiny_
     wandb_rows = [r for r in offline_history(run_dir, _stored(run_dir, "wandb")["id"]) if "train/loss" in r]
     assert [(r["_step"], r["train/loss"]) for r in wandb_rows] == expected
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # two sessions, one run id
+    summary = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
+               for path in (run_dir / "wandb").glob("offline-run-*/*.wandb")
+               for record in _records(path) if record.HasField("summary") for item in record.summary.update}
+    assert summary["report/iterations"]["_type"] == "table-file"  # spinlm report's table, at the end
     assert _mlflow_history(run_dir, "train/loss") == expected
     assert [s for s, _ in _mlflow_history(run_dir, "val/loss")] == [1, 2, 3, 4, 5, 6]

@@ -42,8 +42,8 @@ def check_trackers(cfg: DictConfig) -> None:
     tags = em.wandb_logger_kwargs.tags
     if tags is not None and not all(isinstance(t, str) for t in tags):
         raise ConfigError(f"config: exp_manager.wandb_logger_kwargs.tags must be a list of strings, got {list(tags)}")
-    mlflow_tags = em.mlflow_logger_kwargs.tags
-    if mlflow_tags is not None and any(isinstance(v, (DictConfig, list)) for v in mlflow_tags.values()):
+    mlflow_tags = OmegaConf.to_container(em.mlflow_logger_kwargs.tags) if em.mlflow_logger_kwargs.tags else {}
+    if any(isinstance(v, (dict, list)) for v in mlflow_tags.values()):
         raise ConfigError("config: exp_manager.mlflow_logger_kwargs.tags must map names to plain values")
 
 
@@ -80,7 +80,7 @@ class WandbSink:
         self.wandb = wandb
         save_dir = Path(kwargs.pop("save_dir", None) or run_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        run_id = kwargs.pop("id", None) or stored.get("id") or uuid.uuid4().hex[:8]  # W&B ids: lowercase letters and digits
+        run_id = kwargs.pop("id", None) or stored.get("id") or uuid.uuid4().hex[:8]  # W&B's id alphabet
         offline = kwargs.pop("offline", False)
         earlier = offline_history(save_dir, run_id)  # read before this session adds its own files
         self.run = wandb.init(id=run_id, dir=str(save_dir), resume="allow", mode="offline" if offline else None,
@@ -116,8 +116,7 @@ class WandbSink:
         self.wandb.teardown()  # waits until W&B has written its files (finish alone may return first)
 
     def _table(self, rows: list[dict[str, Any]]):
-        cols = list(rows[0])
-        return self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+        return self.wandb.Table(**columns(rows))
 
 
 class MlflowSink:
@@ -139,6 +138,7 @@ class MlflowSink:
         self.run_id = (run_id and self._reopen(run_id, given=bool(kwargs.get("run_id")))) \
             or self._create(kwargs, default_name, config, Param)
         self.held = self._held_steps()
+        self.held_tables: dict[str, set[str]] = {}
         self.client.log_dict(self.run_id, config, "config.json")
         _store(run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
         log.info("MLflow run %s at %s", self.run_id, uri)
@@ -182,18 +182,18 @@ class MlflowSink:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
-        # one artifact per step: logging it again (a redone step) overwrites it, nothing doubles
-        cols = list(rows[0])
-        table = {"columns": cols, "data": [[r.get(c) for c in cols] for r in rows]}
-        self.client.log_dict(self.run_id, table, f"tables/{name}/step_{step:06d}.json")
+        path = f"tables/{name}/step_{step:06d}.json"  # one artifact per step
+        if name not in self.held_tables:  # the steps whose table the run holds, listed once per table
+            self.held_tables[name] = {a.path for a in self.client.list_artifacts(self.run_id, f"tables/{name}")}
+        if path not in self.held_tables[name]:
+            self.client.log_dict(self.run_id, columns(rows), path)
 
     def rewind(self, step: int, kept: KeptRows) -> None:
         _replay(self, kept, after=-1)  # log_metrics skips each metric's held steps
 
     def log_report(self, table: list[dict[str, Any]], files: Sequence[Path]) -> None:
         if table:
-            self.client.log_dict(self.run_id, {"columns": list(table[0]),
-                                               "data": [list(r.values()) for r in table]}, "report/iterations.json")
+            self.client.log_dict(self.run_id, columns(table), "report/iterations.json")
         for path in files:
             self.client.log_artifact(self.run_id, str(path), "report")
 
@@ -261,6 +261,12 @@ def _records(path: Path) -> Iterator[Any]:
 
 
 # ----- helpers ----------------------------------------------------------------------------------------
+def columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Rows as {"columns", "data"}: a W&B table's arguments, and pandas' "split" JSON that MLflow tables use."""
+    names = list(rows[0])
+    return {"columns": names, "data": [[r.get(c) for c in names] for r in rows]}
+
+
 def _kwargs(node: DictConfig) -> dict[str, Any]:
     """The keys the user set (null = the tracker's default)."""
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if v is not None}
