@@ -205,18 +205,32 @@ CONFIGS = {
     "mlflow_tags_not_a_mapping": ("exp_manager.mlflow_logger_kwargs.tags=[a]", "mlflow_logger_kwargs.tags' must be a"),
     "mlflow_tags_nested": ("exp_manager.mlflow_logger_kwargs.tags={a:[1]}", "tags must map names to plain values"),
     "tensor_parallel": ("++model.tensor_model_parallel_size=2", "model.tensor_model_parallel_size=2 is not supported"),
+    # schedules resolved against the run's 2 steps
+    "warmup_never_reaches_lr": ("model.optim.sched.warmup_steps=2", "the lr would never reach model.optim.lr"),
+    "constant_steps_hold_min_lr": ("model.optim.sched.constant_steps=1000", "the lr would sit at min_lr"),
+    # settings that used to be ignored silently
+    "validation_shuffle": ("model.data.validation_ds.shuffle=true", "model.data.validation_ds.shuffle must be false"),
+    "unknown_monitor": ("exp_manager.checkpoint_callback_params.monitor=train_loss", "monitor must be one of val_loss"),
+    "eval_monitor_without_test_set": ("exp_manager.checkpoint_callback_params.monitor=eval_accuracy",
+                                      "needs the held-out evaluation: set model.data.test_ds.file_path"),
+    "monitor_mode_keeps_worst": ("exp_manager.checkpoint_callback_params.mode=max", "must be min for monitor=val_loss"),
+    "max_time_twice": (["trainer.max_time=00:02:00:00", "exp_manager.max_time_per_run=00:01:00:00"],
+                       "trainer.max_time (00:02:00:00) and exp_manager.max_time_per_run (00:01:00:00) disagree"),
+    "fp16_with_fsdp": (["trainer.precision=16-mixed", "trainer.strategy=fsdp"], "16-mixed is not supported with"),
 }
 
 
 @pytest.mark.parametrize("override, message", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_bad_config_is_refused(paths, capsys, monkeypatch, override, message):
-    extra = ["model.spin.ref_policy_kl_penalty=[0.1,0.2]"] if "max_iterations" in override else []
-    if override.startswith("model.data.shuffle"):
-        override = "model.data.train_ds.shuffle=maybe"
-    args = [a for a in base_args(paths) if not a.startswith(override.split("=")[0] + "=")]
-    if override.startswith(("model.optim.lr=1e-3",)):
+    overrides = override if isinstance(override, list) else [override]
+    extra = ["model.spin.ref_policy_kl_penalty=[0.1,0.2]"] if "max_iterations" in overrides[0] else []
+    if overrides[0].startswith("model.data.shuffle"):
+        overrides = ["model.data.train_ds.shuffle=maybe"]
+    keys = tuple(o.split("=")[0] + "=" for o in overrides)
+    args = [a for a in base_args(paths) if not a.startswith(keys)]
+    if overrides[0].startswith(("model.optim.lr=1e-3",)):
         args.append("model.optim.lr=2e-3")
-    code, err = run_cli([*args, *extra, override], capsys, monkeypatch)
+    code, err = run_cli([*args, *extra, *overrides], capsys, monkeypatch)
     assert_refused(code, err, message, paths)
 
 

@@ -75,8 +75,10 @@ def test_reference_defaults(defaults):
     assert c.model.optim.weight_decay == pytest.approx(0.1)
     assert list(c.model.optim.betas) == [0.9, 0.98]
     assert c.model.optim.sched.name == "CosineAnnealing"
-    assert c.model.optim.sched.warmup_steps == 10
-    assert c.model.optim.sched.constant_steps == 1000
+    # NeMo's warmup_steps 10 / constant_steps 1000 do not fit short runs: a warmup ratio and no hold instead
+    assert c.model.optim.sched.warmup_steps is None
+    assert c.model.optim.sched.warmup_ratio == pytest.approx(0.1)
+    assert c.model.optim.sched.constant_steps == 0
     assert c.model.optim.sched.min_lr == pytest.approx(9e-7)
     assert isinstance(c.model.optim.sched.min_lr, float)
     sp = c.model.spin

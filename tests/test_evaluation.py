@@ -9,6 +9,7 @@ from spinlm.data.tasks import write_task
 from spinlm.evaluation import HeldOutEvaluator, evaluate, load_eval_items, load_model_for_eval
 from spinlm.model.generation import Generations
 from spinlm.model.logprobs import masked_mean_nll
+from spinlm.utils.checkpoint import Checkpointer
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, ti
         "trainer.precision=32", "trainer.spin.max_iterations=2", "trainer.spin.save_interval=1",
         "trainer.spin.eval_max_new_tokens=6", "model.global_batch_size=2", "model.micro_batch_size=1",
         "model.encoder_seq_length=256", "model.spin.length_params.max_length=8", "model.optim.lr=1e-2",
-        "exp_manager.checkpoint_callback_params.save_top_k=10",
+        "exp_manager.checkpoint_callback_params.save_top_k=10", "exp_manager.name=heldout_run",
+        "exp_manager.checkpoint_callback_params.monitor=eval_sft_loss",
     ])
     run(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -91,6 +93,7 @@ def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, ti
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["iter_0.jsonl", "iter_1.jsonl", "iter_2.jsonl"]
     assert (run_dir / "report.png").is_file() and "| 2 |" in (run_dir / "report.md").read_text()
     assert len({r["eval/sft_loss"] for r in evals}) == 3  # the policy trained in between
+    assert (run_dir / "report.md").read_text().startswith(f"# SPIN run report: heldout_run in {run_dir}")
 
     # the checkpoint at the end of iteration 1 and the final export evaluate as the trainer did
     renderer = setup[2]
@@ -100,3 +103,15 @@ def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, ti
         result = evaluate(model, tokenizer, items, renderer.end_strings, max_new_tokens=6, show_progress=False)
         assert result.sft_loss == pytest.approx(expected["eval/sft_loss"], rel=1e-4)
         assert result.accuracy == expected["eval/accuracy"]
+
+    # checkpoints carry the held-out metrics, so monitor=eval_sft_loss keeps the best of them
+    states = {p.name: json.loads((p / "trainer_state.json").read_text())
+              for p in (run_dir / "checkpoints").glob("step_*")}
+    assert states["step_000002"]["eval_sft_loss"] == evals[1]["eval/sft_loss"]
+    assert states["step_000004"]["eval_accuracy"] == evals[2]["eval/accuracy"]
+    assert "eval_sft_loss" not in states["step_000003"]  # measured on another step's policy: not ranked
+    ranked = {name: s["eval_sft_loss"] for name, s in states.items() if "eval_sft_loss" in s}
+    assert ranked.keys() == {"step_000002", "step_000004"}  # step 1 comes after the start model's evaluation
+    Checkpointer(run_dir / "checkpoints", keep_last=1, monitor="eval_sft_loss", mode="min")._prune()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == sorted(
+        {"step_000004", min(ranked, key=ranked.get)})

@@ -1,4 +1,4 @@
-"""The CosineAnnealing LR multiplier and build_optimizer."""
+"""The run length, the lr schedules (CosineAnnealing, Constant), their checks, and build_optimizer."""
 
 import math
 
@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from spinlm.config import load_config
-from spinlm.train import build_optimizer, cosine_annealing
+from spinlm.errors import ConfigError
+from spinlm.schedule import LRSchedule, cosine_annealing
+from spinlm.train import build_optimizer
 
 
 def _hand(step, max_steps, warmup, constant, min_ratio):
@@ -73,8 +75,8 @@ def test_no_constant_phase_decays_over_the_rest():
 
 
 def test_constant_steps_longer_than_the_run():
-    """Documented behaviour: no room to decay -> warmup to the peak, then straight to min_ratio.
-    (The packaged defaults do this for any run shorter than 1010 steps.)"""
+    """The bare formula: no room to decay -> warmup to the peak, then straight to min_ratio.
+    (LRSchedule refuses such a config: see test_schedule_that_would_sit_at_min_lr_is_refused.)"""
     got = _curve(max_steps=10, warmup=3, constant=1000, n=12)
     assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert got[4:] == pytest.approx([MIN] * 8)
@@ -125,15 +127,73 @@ def test_build_optimizer_follows_config_and_schedule():
     assert lrs[-1] == pytest.approx(1e-4)  # min_lr at the end
 
 
-def test_build_optimizer_constant_schedule():
-    cfg = _cfg("model.optim.sched.name=Constant")
-    opt, sched = build_optimizer(cfg, nn.Linear(2, 2), max_steps=5)
+def _lrs(cfg, max_steps):
+    opt, sched = build_optimizer(cfg, nn.Linear(2, 2), max_steps=max_steps)
     lrs = []
-    for _ in range(5):
+    for _ in range(max_steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([1e-3] * 5)
+    return lrs
+
+
+def test_build_optimizer_constant_schedule():
+    assert _lrs(_cfg("model.optim.sched.name=Constant", "model.optim.sched.warmup_steps=0"), 5) == pytest.approx([1e-3] * 5)
+
+
+def test_constant_schedule_honours_warmup():
+    """A warmup the user set is not dropped because the schedule is Constant."""
+    lrs = _lrs(_cfg("model.optim.sched.name=Constant"), 6)  # warmup_steps=3
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_defaults_fit_any_run_length():
+    """The packaged schedule reaches the lr and decays over every run length, from 1 step up."""
+    for max_steps in (1, 2, 7, 16, 100, 5000):
+        cfg = load_config(["model.optim.lr=2e-5"])
+        lrs = _lrs(cfg, max_steps)
+        assert max(lrs) == pytest.approx(2e-5)
+        if max_steps > 1:
+            assert lrs[-1] < 2e-5  # it decays: never held at min_lr, never stuck below the peak
+        assert lrs.count(pytest.approx(9e-7)) == 0  # min_lr is only approached at the very end
+        assert LRSchedule.from_config(cfg.model.optim, max_steps).warmup_steps == int(0.1 * max_steps)
+
+
+def test_user_lr_short_run_decays_from_the_users_lr():
+    """The reported trap: lr=2e-5, warmup_steps=0, 16 steps, other defaults used to train at min_lr throughout."""
+    lrs = _lrs(load_config(["model.optim.lr=2e-5", "model.optim.sched.warmup_steps=0"]), 16)
+    assert lrs[0] == pytest.approx(2e-5)
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] > 9e-7
+
+
+@pytest.mark.parametrize("overrides, steps, match", [
+    (["model.optim.sched.warmup_steps=16"], 16, r"warmup_steps \(16\) is not below the run's 16 optimizer steps, so the "
+                                                r"lr would never reach model.optim.lr"),
+    (["model.optim.sched.name=Constant", "model.optim.sched.warmup_steps=20"], 8, "never reach model.optim.lr"),
+    (["model.optim.sched.warmup_steps=0", "model.optim.sched.constant_steps=1000"], 16,
+     r"constant_steps \(1000\) \+ warmup \(0\) leave no step to decay over in this run of 16 optimizer steps, so "
+     r"the lr would sit at min_lr \(9e-07\) after warmup; lower model.optim.sched.constant_steps"),
+    (["model.optim.sched.warmup_steps=4", "model.optim.sched.constant_steps=12"], 16, "leave no step to decay"),
+    (["model.optim.sched.warmup_ratio=1.5"], 16, r"warmup_ratio must be in \[0, 1\)"),
+    (["model.optim.sched.warmup_steps=-1"], 16, "warmup_steps must be >= 0"),
+    (["model.optim.lr=1e-7"], 16, r"min_lr \(9e-07\) is above model.optim.lr"),
+])
+def test_schedule_that_cannot_do_what_its_keys_say_is_refused(overrides, steps, match):
+    with pytest.raises(ConfigError, match=match):
+        LRSchedule.from_config(load_config(overrides).model.optim, steps)
+
+
+def test_schedule_summary_line():
+    cfg = load_config(["model.optim.lr=2e-5", "model.optim.sched.min_lr=1e-6"])
+    line = LRSchedule.from_config(cfg.model.optim, 20).summary()
+    assert line.startswith("lr schedule: CosineAnnealing over 20 steps: warmup 2 step(s) (warmup_ratio 0.1) to "
+                           "peak lr 2e-05, cosine decay over 18 step(s) towards min_lr 1e-06, 0 step(s) held at min_lr")
+    last = 1e-6 + 1.9e-5 * (1 + math.cos(math.pi * 17 / 18)) / 2  # step 19: 17 of 18 decay steps done
+    assert line.endswith(f"last step at lr {last:.3g}")
+    cfg = load_config(["model.optim.sched.name=Constant", "model.optim.sched.warmup_steps=3"])
+    assert "warmup 3 step(s) (warmup_steps) to peak lr 9e-06, then constant" in \
+        LRSchedule.from_config(cfg.model.optim, 8).summary()
 
 
 def test_adamw_is_fused_on_cpu_and_matches_the_default_update():

@@ -34,6 +34,7 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
     "trainer.spin.gradient_clip_val": (int, float),
     "model.spin.ref_policy_kl_penalty": (int, float, list),
     "model.encoder_seq_length": (int,),
+    "model.optim.sched.warmup_steps": (int,),
     "model.data.chat_prompt_tokens": (dict,),
     "pretrained_checkpoint.restore_from_path": (str,),
     "exp_manager.exp_dir": (str,),
@@ -262,6 +263,8 @@ CPU_LINEAR_KERNELS = ("auto", "onednn", "default")  # model.cpu_linear_kernel
 PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
 LENGTH_POLICIES = ("truncate", "drop", "error")  # model.data.length_policy
 SCHEDULERS = ("CosineAnnealing", "Constant")
+# exp_manager.checkpoint_callback_params.monitor -> the mode that keeps the best checkpoint
+MONITORS = {"val_loss": "min", "eval_sft_loss": "min", "eval_accuracy": "max", "eval_answer_style": "max"}
 
 
 def check_num_nodes(cfg: DictConfig, launched_nodes: int) -> None:
@@ -335,3 +338,29 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")
     check_megatron_knobs(cfg)
     check_trackers(cfg)
+    _validate_silent_traps(cfg)
+
+
+def _validate_silent_traps(cfg: DictConfig) -> None:
+    """Settings that would otherwise be silently ignored or cancel each other (gpt_spin.yaml says why)."""
+    data, exp = cfg.model.data, cfg.exp_manager
+    if data.validation_ds.shuffle:
+        raise ConfigError("config: model.data.validation_ds.shuffle must be false: validation runs on the same "
+                          "batches every time, so that val/loss is comparable between validations")
+    monitor, mode = exp.checkpoint_callback_params.monitor, exp.checkpoint_callback_params.mode
+    if monitor not in MONITORS:
+        raise ConfigError(f"config: exp_manager.checkpoint_callback_params.monitor must be one of "
+                          f"{', '.join(MONITORS)}, got {monitor!r}")
+    if monitor.startswith("eval_") and data.test_ds.file_path is None:
+        raise ConfigError(f"config: exp_manager.checkpoint_callback_params.monitor={monitor} needs the held-out "
+                          "evaluation: set model.data.test_ds.file_path")
+    if mode != MONITORS[monitor]:
+        raise ConfigError(f"config: exp_manager.checkpoint_callback_params.mode must be {MONITORS[monitor]} for "
+                          f"monitor={monitor} (mode={mode} would keep the worst checkpoint)")
+    overridden = not OmegaConf.is_interpolation(exp, "max_time_per_run")
+    if overridden and cfg.trainer.max_time is not None and exp.max_time_per_run != cfg.trainer.max_time:
+        raise ConfigError(f"config: trainer.max_time ({cfg.trainer.max_time}) and exp_manager.max_time_per_run "
+                          f"({exp.max_time_per_run}) disagree; set one of them (max_time_per_run follows max_time)")
+    if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.strategy == "fsdp":
+        raise ConfigError("config: trainer.precision=16-mixed is not supported with trainer.strategy=fsdp "
+                          "(no sharded gradient scaler); use bf16-mixed")

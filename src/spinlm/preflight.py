@@ -6,7 +6,8 @@
      `exp_manager.resume_if_exists=false` is an error, not an overwrite; no link may lead out of it);
   3. the data: every record is read, rendered with the model's tokenizer and held against the
      length limits (from the model's config, read without its weights);
-  4. the step counts (enough samples for one global batch, valid intervals).
+  4. the step counts (enough samples for one global batch, valid intervals) and the lr schedule
+     resolved against them (`schedule.LRSchedule`).
 It writes nothing; a problem raises `ConfigError` / `DataError` naming the key or `file:line`, which
 the CLI prints as one line (exit code 2).
 """
@@ -20,12 +21,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from spinlm.algorithms.spin import count_steps
 from spinlm.config import resolve_interval, validate
 from spinlm.data.dataset import SPINDataset, build_dataset, subsample
 from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
 from spinlm.model.loading import context_length, load_model_config, load_tokenizer
+from spinlm.schedule import LRSchedule, count_steps
 from spinlm.utils.checkpoint import Checkpointer
 from spinlm.utils.rundir import refuse_links_out
 
@@ -61,8 +62,9 @@ def prepare(cfg: DictConfig, world_size: int = 1) -> Prepared:
         if cfg.trainer.spin.max_steps is None or cfg.trainer.spin.max_steps <= 0:
             raise ConfigError("config: model.data.sample=true needs trainer.spin.max_steps > 0")
         train = subsample(train, cfg.trainer.spin.max_steps * cfg.model.global_batch_size, cfg.model.seed)
-    steps_per_epoch, _, _ = count_steps(len(train), cfg.trainer.spin, cfg.model.global_batch_size)
+    steps_per_epoch, _, max_steps = count_steps(len(train), cfg.trainer.spin, cfg.model.global_batch_size)
     resolve_interval(cfg.trainer.spin.val_check_interval, steps_per_epoch, "trainer.spin.val_check_interval")
+    LRSchedule.from_config(cfg.model.optim, max_steps)  # a schedule that cannot do what its keys say
     return Prepared(tokenizer, renderer, train, datasets["validation_ds"])
 
 

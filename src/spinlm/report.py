@@ -112,11 +112,9 @@ def skill_table(eval_dir: Path) -> str | None:
     return markdown_table(header, body)
 
 
-def _settings(run_dir: Path) -> str:
-    if not (run_dir / RUN_CONFIG).is_file():
-        return ""
-    cfg = read_run_config(run_dir)  # plain data: a foreign ${oc.env:...} is shown, never resolved
+def _settings(cfg: dict[str, Any]) -> str:
     keys = ["pretrained_checkpoint.restore_from_path", "model.optim.lr", "model.optim.sched.name",
+            "model.cpu_linear_kernel",
             "model.spin.ref_policy_kl_penalty", "model.global_batch_size", "trainer.spin.limit_train_batches",
             "trainer.spin.max_iterations", "trainer.spin.max_epochs", "model.spin.sampling_params.temperature",
             "model.spin.length_params.max_length", "trainer.precision", "model.seed", "model.data.test_ds.file_path"]
@@ -193,14 +191,18 @@ def write_report(run_dir: str | Path) -> str:
         raise DataError(f"{run_dir / 'metrics.jsonl'}:0: no training or evaluation rows to report")
     table = iteration_table(rows)
     plot(metrics, rows, run_dir / "report.png")
-    parts = [f"# SPIN run report: {run_dir}", "", "![report](report.png)", "", "## Per iteration", "",
+    # the run's config.yaml as plain data: a foreign ${oc.env:...} is shown, never resolved
+    cfg = read_run_config(run_dir) if (run_dir / RUN_CONFIG).is_file() else {}
+    name = lookup(cfg, "exp_manager.name")
+    parts = [f"# SPIN run report: {f'{name} in ' if name else ''}{run_dir}", "", "![report](report.png)", "",
+             "## Per iteration", "",
              "Iteration 0 is the start model; iteration N is the policy after N SPIN iterations. Train columns "
              "(reward accuracy, margin = beta x (log-ratio of the ground truth - of the generated answer)) and "
              "phase times describe iteration N's training.", "", table]
     skills = skill_table(run_dir / "eval")
     if skills:
         parts += ["", "## Held-out accuracy per skill", "", skills]
-    settings = _settings(run_dir)
+    settings = _settings(cfg)
     if settings:
         parts += ["", "## Settings", "", settings]
     atomic_write_text(run_dir / "report.md", "\n".join(parts) + "\n")

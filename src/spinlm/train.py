@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from pathlib import Path
 
@@ -12,15 +11,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spinlm.algorithms.rollouts import RolloutStore
-from spinlm.algorithms.spin import SPINTrainer, count_steps
+from spinlm.algorithms.spin import SPINTrainer
 from spinlm.config import check_num_nodes, parse_max_time
 from spinlm.errors import CheckpointError, ConfigError
 from spinlm.evaluation import HeldOutEvaluator
 from spinlm.model import parallel
+from spinlm.model.decoding import supports_cached_decoding
+from spinlm.model.kernels import cpu_vendor, resolve_cpu_linear_kernel
 from spinlm.model.loading import load_model
 from spinlm.model.reference import ReferencePolicy
 from spinlm.preflight import prepare
 from spinlm.report import iteration_rows, read_metrics, write_report
+from spinlm.schedule import LRSchedule, build_scheduler, count_steps
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
 from spinlm.utils.distributed import broadcast_from_main, info, init_distributed
 from spinlm.utils.logger import RunLogger, RunTimer
@@ -47,18 +49,6 @@ def pick_device(accelerator: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def cosine_annealing(step: int, max_steps: int, warmup_steps: int, constant_steps: int, min_ratio: float) -> float:
-    """NeMo's CosineAnnealing as a multiplier of the peak lr: linear warmup (step+1)/(warmup+1) up to
-    the peak at step `warmup_steps`, cosine decay to min_lr, then min_lr for the final `constant_steps`."""
-    if warmup_steps > 0 and step <= warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(max_steps - warmup_steps - constant_steps, 0)
-    if decay_steps == 0 or step >= warmup_steps + decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / decay_steps
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def adamw(params: list[torch.Tensor], **kwargs) -> torch.optim.AdamW:
     """torch's fused AdamW (one kernel over all parameters) where it supports the parameters, else
     the default. Same update up to float rounding; on CPU it halves the optimizer step time."""
@@ -69,24 +59,38 @@ def adamw(params: list[torch.Tensor], **kwargs) -> torch.optim.AdamW:
 
 
 def build_optimizer(cfg: DictConfig, policy: torch.nn.Module, max_steps: int):
+    """AdamW over the trainable parameters and the lr schedule resolved for a run of `max_steps`."""
     o = cfg.model.optim
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    if o.sched.name == "Constant":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    else:
-        s = o.sched
-        min_ratio = s.min_lr / o.lr
-        if max_steps - s.warmup_steps - s.constant_steps <= 0:
-            log.warning(
-                "model.optim.sched: warmup_steps (%d) + constant_steps (%d) leave no step to decay over in a "
-                "run of %d steps, so the lr drops to min_lr (%g) after warmup; lower constant_steps",
-                s.warmup_steps, s.constant_steps, max_steps, s.min_lr,
-            )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_annealing(step, max_steps, s.warmup_steps, s.constant_steps, min_ratio)
-        )
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, LRSchedule.from_config(o, max_steps))
+
+
+def choose_linear_kernel(configured: str, recorded: str | None) -> tuple[str, str]:
+    """(kernel, why) for this run's CPU linear layers: the checkpoint's recorded kernel when resuming
+    (the same rounding as the run it continues), else `model.cpu_linear_kernel` by its fixed rule."""
+    resolved = resolve_cpu_linear_kernel(configured)
+    if recorded is None:
+        return resolved, f"model.cpu_linear_kernel={configured}, CPU vendor {cpu_vendor() or 'unknown'}"
+    if configured == "auto" and resolve_cpu_linear_kernel(recorded) == recorded:
+        return recorded, "recorded in the checkpoint being resumed"
+    if resolved != recorded:
+        log.warning("the checkpoint was trained with the %s CPU linear kernel but this run uses %s "
+                    "(model.cpu_linear_kernel=%s): results will differ from an uninterrupted run by float rounding",
+                    recorded, resolved, configured)
+    return resolved, f"model.cpu_linear_kernel={configured}"
+
+
+def warn_unused_keys(cfg: DictConfig, policy: torch.nn.Module) -> None:
+    """One warning per key that is set but has no effect in this run (gpt_spin.yaml says when)."""
+    if not info().is_main:
+        return
+    if cfg.model.spin.log_prob_forward_micro_batch_size != 1 and supports_cached_decoding(policy):
+        log.warning("model.spin.log_prob_forward_micro_batch_size is unused in this run: the cached decoder scores "
+                    "the reference log-probs of both answers in its decoding pass")
+    if cfg.exp_manager.exp_dir is not None:
+        log.warning("exp_manager.exp_dir is unused: exp_manager.explicit_log_dir (%s) is the run directory",
+                    cfg.exp_manager.explicit_log_dir)
 
 
 def build_trainer(cfg: DictConfig) -> SPINTrainer:
@@ -105,11 +109,20 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     logger = RunLogger(run_dir, tensorboard=cfg.exp_manager.create_tensorboard_logger, active=launch.is_main,
                        sinks=trackers)
     evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
+    # rank 0 decides the kernel (it changes float rounding) and every rank uses its choice
+    recorded = resume[1][1].get("cpu_linear_kernel") if resume is not None else None
+    kernel, why = broadcast_from_main(
+        choose_linear_kernel(cfg.model.cpu_linear_kernel, recorded) if launch.is_main else None)
+    _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
+    if launch.is_main:
+        log.info("run %r in %s; CPU linear layers: %s (%s)", cfg.exp_manager.name, run_dir, kernel, why)
+        log.info(LRSchedule.from_config(cfg.model.optim, max_steps).summary())
+
     seed_everything(cfg.model.seed)
-    policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer,
-                        cpu_linear_kernel=cfg.model.cpu_linear_kernel,
+    policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer, cpu_linear_kernel=kernel,
                         trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
     vocab_size = policy.get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
+    warn_unused_keys(cfg, policy)
     reference = ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
     policy = parallel.wrap_policy(policy, strategy, device)
     reference.module = parallel.place_reference(reference.module, strategy, device)
@@ -119,15 +132,17 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         log.info("%d processes on %d node(s), strategy %s, backend %s", launch.world_size, launch.num_nodes,
                  strategy, torch.distributed.get_backend())
 
-    if launch.is_main:
-        atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))
-    _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
+    if launch.is_main:  # the config as run: the kernel resolved (the checkpoints record it too)
+        as_run = cfg.copy()
+        as_run.model.cpu_linear_kernel = kernel
+        atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(as_run))
     optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
     trainer = SPINTrainer(
         cfg, policy, reference, prep.tokenizer, optimizer, scheduler, prep.train, prep.val,
         logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts", vocab_size),
         run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")),
         end_strings=prep.renderer.end_strings, evaluator=evaluator,
+        grad_scaler=torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed"),
     )
 
     if resume is not None:

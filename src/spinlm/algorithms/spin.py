@@ -24,12 +24,14 @@ from spinlm.algorithms.sharded import (
 )
 from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
 from spinlm.data.collate import spin_custom_collate
-from spinlm.errors import SpinlmError, TrainingError  # noqa: F401 (TrainingError re-exported)
+from spinlm.errors import TrainingError  # noqa: F401 (re-exported)
 from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model import parallel
 from spinlm.model.generation import SamplingParams
+from spinlm.model.kernels import linear_kernel_in_use
 from spinlm.model.loading import export_hf
 from spinlm.model.reference import ReferencePolicy
+from spinlm.schedule import count_steps
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
 from spinlm.utils.distributed import (
     all_gather_objects, any_rank, barrier, broadcast_from_main, gather_rows, info,
@@ -44,24 +46,6 @@ log = logging.getLogger(__name__)
 _STEP_KEYS = ("model.micro_batch_size", "model.data.train_ds.max_seq_length", "model.spin.length_params.max_length")
 _GENERATION_KEYS = ("model.spin.rollout_micro_batch_size", "model.spin.log_prob_forward_micro_batch_size",
                     "model.spin.length_params.max_length")
-
-
-def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, steps_per_iteration, max_steps) as NeMo counts them (drop_last batches)."""
-    full_epoch = num_train_samples // global_batch_size
-    if full_epoch == 0:
-        raise SpinlmError(
-            f"config: the training set has {num_train_samples} samples, fewer than "
-            f"model.global_batch_size={global_batch_size}; lower the batch size or add data"
-        )
-    steps_per_epoch = resolve_limit(spin_cfg.limit_train_batches, full_epoch, "trainer.spin.limit_train_batches")
-    if steps_per_epoch == 0:
-        raise SpinlmError("config: trainer.spin.limit_train_batches leaves no training batch")
-    steps_per_iteration = steps_per_epoch * spin_cfg.max_epochs
-    max_steps = steps_per_iteration * spin_cfg.max_iterations
-    if spin_cfg.max_steps is not None and spin_cfg.max_steps >= 0:
-        max_steps = min(max_steps, spin_cfg.max_steps)
-    return steps_per_epoch, steps_per_iteration, max_steps
 
 
 class SPINTrainer:
@@ -102,6 +86,7 @@ class SPINTrainer:
         run_timer: RunTimer,
         end_strings: list[str] | None = None,
         evaluator: Callable[..., dict[str, float]] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
         self.cfg = cfg.trainer.spin
         self.model_cfg = cfg.model
@@ -110,6 +95,8 @@ class SPINTrainer:
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.logger, self.checkpointer, self.rollouts, self.run_timer = logger, checkpointer, rollout_store, run_timer
         self.evaluator = evaluator  # held-out evaluation (spinlm.evaluation.HeldOutEvaluator) or None
+        # fp16 (16-mixed) scales the loss so small gradients do not underflow; a no-op otherwise
+        self.scaler = grad_scaler or torch.amp.GradScaler(enabled=False)
         self.device = next(policy.parameters()).device
         self.eos_id = tokenizer.eos_token_id
         self.precision = str(cfg.trainer.precision)
@@ -133,6 +120,7 @@ class SPINTrainer:
         self.consumed_samples = 0
         self.beta = kl_penalty_for_iteration(spin.ref_policy_kl_penalty, 0)
         self.last_val_loss: float | None = None
+        self.last_eval: dict[str, float] = {}  # held-out metrics measured at this step (checkpoint ranking)
         self._pending_timings: dict[str, float] = {}
         self.stop_signals = StopSignals()
         self.skip_non_finite = bool(self.cfg.skip_non_finite_steps)
@@ -338,20 +326,26 @@ class SPINTrainer:
             if any_rank(not torch.isfinite(loss)):
                 non_finite(self.step + 1, f"the loss is {loss.item()}", self.skip_non_finite)
                 return self._skip_step(t0)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             losses.append(out.losses.detach())
             rew_act.append(out.rewards_actual)
             rew_gen.append(out.rewards_generated)
             pol_act.append(logps_act.detach())
             pol_gen.append(logps_gen.detach())
+        self.scaler.unscale_(self.optimizer)
         grad_norm = clip_checked(self.policy, self.cfg.gradient_clip_val)
+        if not torch.isfinite(grad_norm) and self.scaler.is_enabled():  # fp16 overflow: lower the scale, skip
+            self.scaler.step(self.optimizer)  # skips the update (the scaler saw the inf)
+            self.scaler.update()
+            return self._skip_step(t0, "skipped_overflow")
         if not torch.isfinite(grad_norm):
             where = first_non_finite_grad(self.policy)
             non_finite(self.step + 1, f"the gradient norm is {grad_norm.item()} (first non-finite: {where})",
                        self.skip_non_finite)
             return self._skip_step(t0)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         # the whole global batch, from every rank: one gather of the five per-row columns
         columns = torch.stack([torch.cat(t).float() for t in (losses, rew_act, rew_gen, pol_act, pol_gen)], dim=1)
@@ -365,15 +359,18 @@ class SPINTrainer:
             "lr": lr,
             "beta": self.beta,
         }
+        if self.scaler.is_enabled():
+            metrics["loss_scale"] = self.scaler.get_scale()
         metrics["step_time"] = time.perf_counter() - t0
         metrics["epoch"], metrics["iteration"] = self.epoch, self.iteration  # of the step being trained
         return metrics
 
-    def _skip_step(self, t0: float) -> dict[str, float]:
-        """A non-finite step under skip_non_finite_steps: no update; the lr schedule still advances."""
+    def _skip_step(self, t0: float, why: str = "skipped_non_finite") -> dict[str, float]:
+        """A step without update (non-finite under skip_non_finite_steps, or an fp16 overflow); the lr
+        schedule still advances."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss": float("nan"), "skipped_non_finite": 1, "beta": self.beta, "step_time": time.perf_counter() - t0,
+        return {"loss": float("nan"), why: 1, "beta": self.beta, "step_time": time.perf_counter() - t0,
                 "epoch": self.epoch, "iteration": self.iteration}
 
     # ----- validation ---------------------------------------------------------------------
@@ -406,6 +403,8 @@ class SPINTrainer:
         """Held-out accuracy and SFT loss of the policy after the iterations done so far, logged as eval/*."""
         if self.evaluator is not None:
             metrics = self.evaluator(self.policy, self.step // self.steps_per_iteration, self._autocast)
+            self.last_eval = {k.replace("/", "_"): v for k, v in metrics.items() if k.startswith("eval/")}
+            self.last_eval["eval_step"] = self.step
             self.logger.log_metrics(metrics, self.step)
 
     # ----- logging ------------------------------------------------------------------------
@@ -440,7 +439,10 @@ class SPINTrainer:
             "epoch": self.epoch,
             "iteration": self.iteration,
             "val_loss": self.last_val_loss,
+            # eval_accuracy, eval_sft_loss, ... of this step's policy: what checkpoint_callback_params.monitor ranks
+            **(self.last_eval if self.last_eval.get("eval_step") == self.step else {}),
             "layout": self._layout(),
+            "cpu_linear_kernel": linear_kernel_in_use(self.policy),  # reused on resume: same rounding
         }
 
     def _layout(self) -> dict[str, Any]:
@@ -455,6 +457,7 @@ class SPINTrainer:
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.last_val_loss = state.get("val_loss")
+        self.last_eval = {k: v for k, v in state.items() if k.startswith("eval_")}
 
     def save(self) -> None:
         """Full (unsharded) weights and name-keyed optimizer state, gathered from all ranks; rank 0 writes."""
@@ -464,7 +467,8 @@ class SPINTrainer:
         optimizer = parallel.full_optimizer_state_dict(self.policy, self.optimizer)
         rng = rank_rng_states()
         if info().is_main:
-            states = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng}
+            states = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng,
+                      "grad_scaler": self.scaler.state_dict()}
             self.checkpointer.save(self.step, modules=modules, states=states, meta=self.state_dict())
         barrier()
 
@@ -475,6 +479,8 @@ class SPINTrainer:
         parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
         parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
+        if states.get("grad_scaler"):
+            self.scaler.load_state_dict(states["grad_scaler"])
         set_rank_rng_state(states["rng"])
         self.load_state_dict(meta)
         self.logger.rewind(self.step)
