@@ -36,7 +36,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, target) -> None:
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def run_ranks(target, world_size: int, out_dir: Path, *args, timeout: float = 240.0) -> list:
+def run_ranks(target, world_size: int, out_dir: Path, *args, timeout: float = 600.0) -> list:
     """`target(rank, *args)` on `world_size` spawned processes; returns their results in rank order.
     A rank that fails fails the call; a hang is killed after `timeout` seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """Kill -9 at random moments (and in the middle of checkpoint writes), resume, and end with the same
-weights, bitwise, as an uninterrupted run; metrics.jsonl then holds every step exactly once.
+weights, bitwise, as an uninterrupted run; metrics.jsonl then holds every step exactly once. The
+killed-and-resumed processes run while other processes keep every core busy (as on a shared CI
+machine): nothing they compute may depend on the load.
 
 The training process is a forked child running the CLI entry point (fast: no interpreter start);
 SPINLM_TEST_SAVE_DELAY holds a checkpoint write open so a kill can land inside it. One real
@@ -15,6 +17,7 @@ import time
 
 import pytest
 import torch
+from busy import busy_cores
 from safetensors.torch import load_file
 
 from spinlm.config import load_config
@@ -67,7 +70,7 @@ class Worker:
         return code
 
 
-def _wait_for(predicate, timeout=120.0, alive=lambda: True):
+def _wait_for(predicate, timeout=300.0, alive=lambda: True):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():
@@ -86,6 +89,11 @@ def _train_rows(run_dir):
 
 
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir, chat_files):
+    with busy_cores():
+        _kill_and_resume(tmp_path, tiny_model_dir, chat_files)
+
+
+def _kill_and_resume(tmp_path, tiny_model_dir, chat_files):
     run_dir = tmp_path / "killed"
     args = train_args(tiny_model_dir, chat_files, run_dir)
     ckpt_dir = run_dir / "checkpoints"
