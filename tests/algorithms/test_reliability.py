@@ -206,6 +206,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cfg_factory, c
 def test_resume_with_a_different_batch_layout_is_refused(cfg_factory):
     from spinlm.errors import CheckpointError
 
-    build_trainer(cfg_factory("trainer.spin.max_steps=2")).fit()
+    build_trainer(cfg_factory("trainer.spin.max_steps=2", "model.optim.sched.warmup_steps=0")).fit()
     with pytest.raises(CheckpointError, match=r"model.global_batch_size was 4, now 8; .*steps per epoch was 2, now 1"):
-        build_trainer(cfg_factory("model.global_batch_size=8", "trainer.spin.limit_train_batches=1"))
+        build_trainer(cfg_factory("model.global_batch_size=8", "trainer.spin.limit_train_batches=1",
+                                  "model.optim.sched.warmup_steps=0"))

@@ -151,7 +151,8 @@ def test_generates_once_per_iteration_and_reuses_on_disk(cfg_factory, monkeypatc
 def test_first_step_loss_is_log2_and_micro_batch_invariant(cfg_factory):
     losses = {}
     for mbs in (1, 4):
-        cfg = cfg_factory(f"model.micro_batch_size={mbs}", "trainer.spin.max_steps=1", run_name=f"mbs{mbs}")
+        cfg = cfg_factory(f"model.micro_batch_size={mbs}", "trainer.spin.max_steps=1", "model.optim.sched.warmup_steps=0",
+                          run_name=f"mbs{mbs}")
         trainer = build_trainer(cfg)
         batch = next(trainer.augment_dataloader(0, 0))
         metrics = trainer.train_single_step(batch)
@@ -280,7 +281,8 @@ def test_max_time_validates_saves_and_stops(cfg_factory):
 def test_final_export_reloads_as_hf_model(cfg_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trainer = run(cfg_factory("trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1"))
+    trainer = run(cfg_factory("trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1",
+                              "model.optim.sched.warmup_steps=0"))
     final = trainer.logger.run_dir / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
