@@ -35,7 +35,8 @@ def test_fp16_scales_the_loss_and_resumes_exactly(cfg_factory, monkeypatch):
     monkeypatch.setattr(SPINTrainer, "train_single_step", step)
     trainer.fit()
     saved = trainer.logger.run_dir / "checkpoints" / "step_000003"
-    assert torch.load(saved / "grad_scaler.pt", weights_only=True)["scale"] == trainer.scaler.get_scale()
+    states, _ = trainer.checkpointer.load(saved, {})
+    assert states["grad_scaler"]["scale"] == trainer.scaler.get_scale()
 
     monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
     resumed = build_trainer(cfg)
