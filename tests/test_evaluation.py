@@ -48,7 +48,7 @@ def test_accuracy_counts_replies_whose_answer_matches(setup, monkeypatch):
     replies = [f"Sure. the answer is {it.expected.split('The answer is ')[-1]}" if i < 3 else "It is 100001."
                for i, it in enumerate(items)]
     fake = Generations(ids=[enc(r) for r in replies], truncated=[False] * len(items))
-    monkeypatch.setattr("spinlm.evaluation.generate_sharded", lambda *a, **k: fake)
+    monkeypatch.setattr("spinlm.evaluation.DecoderBackend.generate", lambda *a, **k: fake)
     result = evaluate(model, tokenizer, items, renderer.end_strings, show_progress=False)
     assert result.accuracy == pytest.approx(0.5)
     assert result.answer_style == pytest.approx(0.5)

@@ -45,6 +45,8 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
        for k in ("experiment_name", "run_name", "tracking_uri", "save_dir", "artifact_location", "run_id")},
     "exp_manager.mlflow_logger_kwargs.tags": (dict,),
     **{key: knob.types for key, knob in KNOBS.items()},  # Megatron-only knobs
+    "model.spin.vllm.enforce_eager": (bool,),
+    "model.spin.vllm.kv_cache_gb": (int, float),
 }
 
 
@@ -265,6 +267,7 @@ LENGTH_POLICIES = ("truncate", "drop", "error")  # model.data.length_policy
 SCHEDULERS = ("CosineAnnealing", "Constant")
 # exp_manager.checkpoint_callback_params.monitor -> the mode that keeps the best checkpoint
 MONITORS = {"val_loss": "min", "eval_sft_loss": "min", "eval_accuracy": "max", "eval_answer_style": "max"}
+GENERATION_BACKENDS = ("auto", "spinlm", "hf", "vllm")  # model.spin.generation_backend
 
 
 def check_num_nodes(cfg: DictConfig, launched_nodes: int) -> None:
@@ -339,6 +342,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_megatron_knobs(cfg)
     check_trackers(cfg)
     _validate_silent_traps(cfg)
+    validate_generation(cfg.model.spin, world_size)
 
 
 def _validate_silent_traps(cfg: DictConfig) -> None:
@@ -364,3 +368,21 @@ def _validate_silent_traps(cfg: DictConfig) -> None:
     if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.strategy == "fsdp":
         raise ConfigError("config: trainer.precision=16-mixed is not supported with trainer.strategy=fsdp "
                           "(no sharded gradient scaler); use bf16-mixed")
+
+
+def validate_generation(spin: DictConfig, world_size: int = 1) -> None:
+    """model.spin.generation_backend and the engine options of model.spin.vllm."""
+    backend, engine = spin.generation_backend, spin.vllm
+    if backend not in GENERATION_BACKENDS:
+        raise ConfigError(f"config: model.spin.generation_backend must be one of {GENERATION_BACKENDS}, got {backend!r}")
+    checks = [
+        (0 < engine.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
+        (engine.tensor_parallel_size >= 1 and world_size % engine.tensor_parallel_size == 0, "tensor_parallel_size",
+         f"({engine.tensor_parallel_size}) must be >= 1 and divide the number of processes ({world_size}): "
+         "each group of that many torchrun ranks runs one engine"),
+        (engine.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
+        (engine.kv_cache_gb is None or engine.kv_cache_gb > 0, "kv_cache_gb", "must be > 0 or null"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"config: model.spin.vllm.{key} {why}")

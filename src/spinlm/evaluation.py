@@ -29,14 +29,14 @@ from typing import Any
 
 from torch import nn
 
-from spinlm.algorithms.sharded import answer_nll_sharded, generate_sharded
+from spinlm.algorithms.sharded import answer_nll_sharded
 from spinlm.data.answers import extract_answer
 from spinlm.data.chat import read_chat_jsonl
 from spinlm.data.dataset import fit_to_length
 from spinlm.data.render import ChatRenderer
 from spinlm.errors import ConfigError, DataError
 from spinlm.model import parallel
-from spinlm.model.generation import SamplingParams
+from spinlm.model.generation import DecoderBackend, SamplingParams
 from spinlm.utils.checkpoint import atomic_write_text
 from spinlm.utils.distributed import info
 from spinlm.utils.rundir import RUN_CONFIG, lookup, read_run_config, refuse_links_out
@@ -114,8 +114,8 @@ def evaluate(
     params = SamplingParams(use_greedy=True, end_strings=list(end_strings), max_length=max_new_tokens, min_length=1)
     # generation and scoring are dealt to the ranks under torchrun, as the trainer's (one process: plain)
     with autocast():
-        gens = generate_sharded(model, tokenizer, [it.prompt_ids for it in items], params, batch_size,
-                                generator_seed=None, show_progress=show_progress)
+        gens = DecoderBackend(tokenizer, batch_size).generate(model, [it.prompt_ids for it in items], params,
+                                                              show_progress=show_progress)
     records = []
     for item, ids, cut in zip(items, gens.ids, gens.truncated):
         reply = tokenizer.decode(ids, skip_special_tokens=True).strip()

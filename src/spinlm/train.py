@@ -16,6 +16,7 @@ from spinlm.config import check_num_nodes, parse_max_time
 from spinlm.errors import CheckpointError, ConfigError
 from spinlm.evaluation import HeldOutEvaluator
 from spinlm.model import parallel
+from spinlm.model.backends import make_backend, resolve_backend
 from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.kernels import cpu_vendor, resolve_cpu_linear_kernel
 from spinlm.model.loading import load_model
@@ -81,11 +82,12 @@ def choose_linear_kernel(configured: str, recorded: str | None) -> tuple[str, st
     return resolved, f"model.cpu_linear_kernel={configured}"
 
 
-def warn_unused_keys(cfg: DictConfig, policy: torch.nn.Module) -> None:
+def warn_unused_keys(cfg: DictConfig, policy: torch.nn.Module, backend: str) -> None:
     """One warning per key that is set but has no effect in this run (gpt_spin.yaml says when)."""
     if not info().is_main:
         return
-    if cfg.model.spin.log_prob_forward_micro_batch_size != 1 and supports_cached_decoding(policy):
+    decoder_scores = backend == "spinlm" and supports_cached_decoding(policy)
+    if cfg.model.spin.log_prob_forward_micro_batch_size != 1 and decoder_scores:
         log.warning("model.spin.log_prob_forward_micro_batch_size is unused in this run: the cached decoder scores "
                     "the reference log-probs of both answers in its decoding pass")
     if cfg.exp_manager.exp_dir is not None:
@@ -99,6 +101,7 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     device = pick_device(cfg.trainer.accelerator, launch.local_rank)
     prep = prepare(cfg, launch.world_size)  # config, paths and data checked before the weights load
     check_num_nodes(cfg, launch.num_nodes)
+    backend = resolve_backend(cfg.model.spin.generation_backend, device)  # a missing engine fails before loading
     strategy = parallel.resolve_strategy(cfg.trainer.strategy, launch.world_size)
     run_dir = Path(cfg.exp_manager.explicit_log_dir)
     ckpt = cfg.exp_manager.checkpoint_callback_params
@@ -122,8 +125,9 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer, cpu_linear_kernel=kernel,
                         trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
     vocab_size = policy.get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
-    warn_unused_keys(cfg, policy)
+    warn_unused_keys(cfg, policy, backend)
     reference = ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
+    generator = make_backend(cfg, prep.tokenizer, policy, device)
     policy = parallel.wrap_policy(policy, strategy, device)
     reference.module = parallel.place_reference(reference.module, strategy, device)
     if launch.rank > 0:
@@ -141,7 +145,7 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         cfg, policy, reference, prep.tokenizer, optimizer, scheduler, prep.train, prep.val,
         logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts", vocab_size),
         run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")),
-        end_strings=prep.renderer.end_strings, evaluator=evaluator,
+        generator=generator, end_strings=prep.renderer.end_strings, evaluator=evaluator,
         grad_scaler=torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed"),
     )
 
@@ -186,4 +190,5 @@ def run(cfg: DictConfig) -> SPINTrainer:
             print(table)
     finally:
         trainer.logger.close()
+        trainer.generator.close()
     return trainer

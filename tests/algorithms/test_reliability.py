@@ -11,6 +11,7 @@ import torch
 from spinlm.algorithms import spin as spin_module
 from spinlm.algorithms.spin import SPINTrainer
 from spinlm.errors import TrainingError
+from spinlm.model.generation import DecoderBackend
 from spinlm.train import build_trainer
 from spinlm.utils.guards import oom_guard
 
@@ -90,7 +91,7 @@ def test_out_of_memory_in_generation_is_reported(cfg_factory, monkeypatch):
     def oom(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes")
 
-    monkeypatch.setattr(spin_module, "generate_sharded", oom)
+    monkeypatch.setattr(DecoderBackend, "generate", oom)
     trainer = build_trainer(cfg_factory())
     with pytest.raises(TrainingError, match=r"out of memory during generation / reference log-probs \(rollout batch 8, "
                                             r"log-prob batch 4, max prompt len \d+, max new tokens 24\); lower "
@@ -132,7 +133,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(cfg_factory, monkeyp
 
 def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch, caplog):
     trainer = build_trainer(cfg_factory())
-    real = spin_module.generate_sharded
+    real = DecoderBackend.generate
     calls = []
 
     def generate(*args, **kwargs):
@@ -141,7 +142,7 @@ def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(spin_module, "generate_sharded", generate)
+    monkeypatch.setattr(DecoderBackend, "generate", generate)
     with caplog.at_level(logging.WARNING):
         trainer.fit()
     assert trainer.step == 4
@@ -153,7 +154,7 @@ def test_signal_during_generation_abandons_it_and_saves(cfg_factory, monkeypatch
 def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory, monkeypatch, caplog):
     """The deadline (SIGALRM) fires inside the second generation, however fast the machine is: the test
     sends it there itself, with a max_time far beyond the run, so no timing decides the outcome."""
-    real = spin_module.generate_sharded
+    real = DecoderBackend.generate
     finished = []
 
     def generate(*args, **kwargs):
@@ -164,7 +165,7 @@ def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory,
         finished.append(1)
         return out
 
-    monkeypatch.setattr(spin_module, "generate_sharded", generate)
+    monkeypatch.setattr(DecoderBackend, "generate", generate)
     cfg = cfg_factory("model.spin.regenerate_each_epoch=true", "trainer.max_time=00:01:00:00")
     trainer = build_trainer(cfg)
     with caplog.at_level(logging.WARNING):

@@ -12,7 +12,7 @@ import torch
 from spinlm.algorithms import spin as spin_module
 from spinlm.algorithms.spin import SPINTrainer, count_steps
 from spinlm.config import load_config
-from spinlm.model.generation import generate
+from spinlm.model.generation import DecoderBackend, generate
 from spinlm.train import build_trainer, run
 
 
@@ -135,8 +135,8 @@ def test_reference_changes_at_iteration_ends_only(cfg_factory, monkeypatch):
 
 def test_generates_once_per_iteration_and_reuses_on_disk(cfg_factory, monkeypatch):
     calls = []
-    real = spin_module.generate_sharded
-    monkeypatch.setattr(spin_module, "generate_sharded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = DecoderBackend.generate
+    monkeypatch.setattr(DecoderBackend, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     cfg = cfg_factory()
     run(cfg)
     assert len(calls) == 2

@@ -15,6 +15,18 @@ def test_single_process_helpers_are_identities():
     assert D.all_gather_objects(5) == [5]
 
 
+def test_my_share_deals_round_robin_to_ranks_or_groups_with_lockstep_padding(monkeypatch):
+    assert D.my_share(3, lockstep=True) == [0, 1, 2]  # one process: everything
+    monkeypatch.setattr(D, "info", lambda: D.DistInfo(rank=1, world_size=2))
+    assert D.my_share(3) == [1]
+    assert D.my_share(3, lockstep=True) == [1, None]  # rank 0 runs two items: one dummy here
+    assert D.my_share(0, lockstep=True) == []
+    monkeypatch.setattr(D, "info", lambda: D.DistInfo(rank=3, world_size=4))
+    assert D.my_share(5, group_size=2) == [1, 3]  # ranks 2 and 3 form group 1 of 2: the same share
+    monkeypatch.setattr(D, "info", lambda: D.DistInfo(rank=2, world_size=4))
+    assert D.my_share(5, group_size=2) == [1, 3]
+
+
 def test_env_info_reads_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("RANK", "9")

@@ -1,11 +1,11 @@
-"""SPIN's work split across ranks: generation, reference log-probs, validation, the training batch.
+"""SPIN's work split across ranks: reference log-probs, validation, the training batch (generation:
+the backends of `spinlm.model.generation`).
 
-Every function plans the work exactly as one process does (the same generation batches with the
-same per-batch seeds, the same log-prob micro batches), deals whole batches round-robin to the
-ranks and gathers the results, so what comes out does not depend on the world size. Under FSDP2
-every forward is a collective: for scoring, a rank with fewer batches than its peers runs dummy
-ones (results dropped), so no rank waits forever; generation runs on the all-gathered model.
-With one process each function is the plain single-process computation.
+Every function plans the work exactly as one process does (the same log-prob micro batches), deals
+whole batches round-robin to the ranks and gathers the results, so what comes out does not depend on
+the world size. Under FSDP2 every forward is a collective: a rank with fewer batches than its peers
+runs dummy ones (results dropped), so no rank waits forever. With one process each function is the
+plain single-process computation.
 """
 
 from __future__ import annotations
@@ -18,49 +18,10 @@ from torch import Tensor, nn
 
 from spinlm.algorithms.scoring import reference_pair_logprobs
 from spinlm.data.collate import spin_custom_collate
-from spinlm.model.decoding import supports_cached_decoding
-from spinlm.model.generation import (
-    Generations, SamplingParams, collect_generations, generate_planned, plan_batches,
-)
-from spinlm.model.loading import unwrap
 from spinlm.model.logprobs import masked_sum_logprobs
-from spinlm.model.parallel import gathered, needs_lockstep
+from spinlm.model.parallel import needs_lockstep
 from spinlm.utils import rng
-from spinlm.utils.distributed import all_gather_objects, all_reduce_sum, info
-
-
-def my_batches(n_batches: int, lockstep: bool) -> list[int | None]:
-    """This rank's batch ids (round-robin: balanced when batches are sorted by length); with
-    `lockstep`, padded with None (a dummy batch) to the count of the busiest rank."""
-    d = info()
-    mine: list[int | None] = list(range(d.rank, n_batches, d.world_size))
-    if lockstep:
-        mine += [None] * (math.ceil(n_batches / d.world_size) - len(mine))
-    return mine
-
-
-def generate_sharded(
-    model: nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams, batch_size: int,
-    generator_seed: int | None, show_progress: bool = False, answers: list[list[int]] | None = None,
-) -> Generations:
-    """`generation.generate` with the planned batches dealt to the ranks; every rank gets all answers.
-
-    `answers` are scored in the decoding pass when cached decoding runs (answer_logps, else None).
-    Under FSDP2 the model is all-gathered for the call (`parallel.gathered`): each rank then decodes
-    its own batches with the same decoder as one process, and no forward is a collective.
-    """
-    plan = plan_batches(prompts, batch_size)
-    cached = supports_cached_decoding(unwrap(model))
-    with gathered(model):
-        rows, answer_seconds = generate_planned(
-            model, tokenizer, prompts, params, plan, my_batches(len(plan), lockstep=False), generator_seed,
-            show_progress=show_progress and info().is_main, answers=answers if cached else None,
-            cached_decoding=cached,
-        )
-    merged: dict = {}
-    for part in all_gather_objects(rows):
-        merged.update(part)
-    return collect_generations(merged, len(prompts), answer_seconds)
+from spinlm.utils.distributed import all_gather_objects, all_reduce_sum, info, my_share
 
 
 def reference_logprobs_sharded(
@@ -72,7 +33,7 @@ def reference_logprobs_sharded(
     n_batches = math.ceil(len(prompts) / micro_batch_size)  # the number of plan_pair_batches' micro batches
     act, gen = reference_pair_logprobs(
         model, prompts, actual, generated, pad_id, micro_batch_size, autocast,
-        batch_ids=my_batches(n_batches, needs_lockstep(model)),
+        batch_ids=my_share(n_batches, needs_lockstep(model)),
     )
     if not info().is_distributed:
         return act, gen
@@ -89,7 +50,7 @@ def answer_nll_sharded(
     chunks = [b[s:s + micro_batch_size] for b in batches for s in range(0, len(b), micro_batch_size)]
     device = next(model.parameters()).device
     nll, tokens = 0.0, 0
-    for c in my_batches(len(chunks), needs_lockstep(model)):
+    for c in my_share(len(chunks), needs_lockstep(model)):
         b = spin_custom_collate([dataset[i] for i in chunks[c if c is not None else 0]], pad_id)
         with autocast():
             logps = masked_sum_logprobs(model, b["prompts_and_answers"].to(device), b["masks"].to(device))

@@ -20,14 +20,14 @@ from tqdm.auto import tqdm
 from spinlm.algorithms.rollouts import Rollout, RolloutStore
 from spinlm.algorithms.scoring import batch_pairs, pair_logprobs
 from spinlm.algorithms.sharded import (
-    answer_nll_sharded, generate_sharded, local_rows, rank_rng_states, reference_logprobs_sharded, set_rank_rng_state,
+    answer_nll_sharded, local_rows, rank_rng_states, reference_logprobs_sharded, set_rank_rng_state,
 )
 from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
 from spinlm.data.collate import spin_custom_collate
 from spinlm.errors import TrainingError  # noqa: F401 (re-exported)
 from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model import parallel
-from spinlm.model.generation import SamplingParams
+from spinlm.model.generation import GenerationBackend, SamplingParams
 from spinlm.model.kernels import linear_kernel_in_use
 from spinlm.model.loading import export_hf
 from spinlm.model.reference import ReferencePolicy
@@ -84,6 +84,7 @@ class SPINTrainer:
         checkpointer: Checkpointer,
         rollout_store: RolloutStore,
         run_timer: RunTimer,
+        generator: GenerationBackend,
         end_strings: list[str] | None = None,
         evaluator: Callable[..., dict[str, float]] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -97,6 +98,7 @@ class SPINTrainer:
         self.evaluator = evaluator  # held-out evaluation (spinlm.evaluation.HeldOutEvaluator) or None
         # fp16 (16-mixed) scales the loss so small gradients do not underflow; a no-op otherwise
         self.scaler = grad_scaler or torch.amp.GradScaler(enabled=False)
+        self.generator = generator  # samples the reference's answers (model.spin.generation_backend)
         self.device = next(policy.parameters()).device
         self.eos_id = tokenizer.eos_token_id
         self.precision = str(cfg.trainer.precision)
@@ -235,14 +237,14 @@ class SPINTrainer:
         items = [self.train_dataset[i] for i in indices]
         prompts = [list(it["prompt_ids"]) for it in items]
 
-        # cached decoding also returns the reference's log-probs of both answers (no second pass)
+        t_sync = time.perf_counter()
+        self.generator.sync_weights(self.reference.state_dict())  # an engine with its own copy: pushed in place
         t0 = time.perf_counter()
-        with self._autocast():
-            gens = generate_sharded(
-                self.reference.module, self.tokenizer, prompts, self.sampling,
-                batch_size=self.model_cfg.spin.rollout_micro_batch_size,
-                generator_seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
-                show_progress=True, answers=[list(it["answer_ids"]) for it in items],
+        with self._autocast():  # spinlm's decoder also returns the reference's log-probs of both answers
+            gens = self.generator.generate(
+                self.reference.module, prompts, self.sampling, show_progress=True,
+                seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
+                answers=[list(it["answer_ids"]) for it in items],
             )
         t1 = time.perf_counter()
         if gens.answer_logps is not None:
@@ -261,6 +263,7 @@ class SPINTrainer:
             self.rollouts.save(iteration, key_epoch, rollouts, texts)
         n_tokens = sum(gens.lengths)
         self._pending_timings = {
+            "timing/weight_sync_s": t0 - t_sync,
             "timing/generation_s": t1 - t0,
             "timing/generation_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "timing/ref_logprobs_s": t2 - t1,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from spinlm.model.logprobs import gather_logprobs
+from spinlm.model.logprobs import gather_logprobs, masked_logits
 
 try:
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -45,7 +45,7 @@ except ImportError:  # older transformers: no per-layer caches, so no cached dec
 @dataclass
 class DecodedBatch:
     tokens: list[list[int]]                # new tokens per row, through the stop token (or max_new_tokens)
-    token_logps: list[list[float]]         # the sampling model's log p of each of them (raw logits)
+    token_logps: list[list[float]] | None  # the sampling model's log p of each of them (raw logits)
     answer_logps: list[float] | None       # sum log p(answer | prompt) of the given answers, if any
     answer_seconds: float = 0.0            # time spent scoring the answers
 
@@ -390,8 +390,8 @@ def _score_answers(model, cache, cache_kw, first_logits: Tensor, attn: Tensor, a
             sub.update(layer.keys[rows], layer.values[rows], i)
         sub_attn = attn[rows]
         pos = sub_attn.sum(-1, keepdim=True) + torch.arange(longest, device=device)
-        logits = model(input_ids=inp, attention_mask=torch.cat([sub_attn, mask], dim=1), position_ids=pos,
-                       use_cache=True, **{cache_kw: sub}, logits_to_keep=mask.bool()).logits.float()
+        logits = masked_logits(model, mask.bool(), input_ids=inp, attention_mask=torch.cat([sub_attn, mask], dim=1),
+                               position_ids=pos, use_cache=True, **{cache_kw: sub}).float()
         targets = torch.cat([torch.tensor(list(answers[r][1:]), dtype=torch.long) for r in chunk]).to(device)
         token_logps = gather_logprobs(logits, targets)
         owner = torch.cat([torch.full((len(answers[r]) - 1,), r, dtype=torch.long) for r in chunk]).to(device)

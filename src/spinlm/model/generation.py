@@ -1,16 +1,22 @@
-"""Sample answers to tokenized prompts with Hugging Face ``generate``, keeping the sampled token ids.
+"""Sampling answers to tokenized prompts, keeping the sampled token ids: the generation backends.
 
-Two measured pitfalls shape this module (see SPIN_REFERENCE.md): ``generate(do_sample=True)``
+A backend (`GenerationBackend`) samples one answer per prompt. Two decode on the model itself,
+inside the training process: `DecoderBackend` (spinlm's cached decoder, `model/decoding.py`, which
+also scores the reference's log-probs in the same pass) and `HFGenerateBackend` (Hugging Face
+``generate``). The vLLM engine (`model/vllm_engine.py`) keeps its own copy of the weights, which
+`sync_weights` pushes in place. `model/backends.py` picks one from `model.spin.generation_backend`.
+
+Two measured pitfalls shape every backend (see SPIN_REFERENCE.md): ``generate(do_sample=True)``
 silently fills unset sampling fields from the model's ``generation_config`` (top_k=50), and
 decoding + re-encoding an answer changes its token ids. So every sampling field is explicit,
 the model's own generation config is hidden during the call, and answers are returned as the
-sampled ids, cut after the stop token, with nothing appended to a truncated one.
+sampled ids, cut after the stop token (`StopRule`), with nothing appended to a truncated one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +25,10 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from spinlm.model.decoding import decode_batch, supports_cached_decoding
+from spinlm.model.decoding import DecodedBatch, decode_batch, supports_cached_decoding
 from spinlm.model.loading import unwrap
+from spinlm.model.parallel import gathered
+from spinlm.utils.distributed import all_gather_objects, info, my_share
 
 
 @dataclass
@@ -43,7 +51,7 @@ class Generations:
 
     ids: list[list[int]]
     truncated: list[bool]  # True when cut off by max_length before any stop
-    # the sampling model's own log-probs (cached decoding only; None from HF generate):
+    # the sampling model's own log-probs (cached decoding only; None from the other backends):
     logps: list[float] | None = None  # sum log p(answer | prompt) of each sampled answer
     answer_logps: list[float] | None = None  # sum log p(given answer | prompt), when `answers` were passed
     answer_seconds: float = 0.0  # time spent scoring the given answers
@@ -55,6 +63,32 @@ class Generations:
     @property
     def num_truncated(self) -> int:
         return sum(self.truncated)
+
+
+class GenerationBackend:
+    """What samples the reference's answers (`model.spin.generation_backend`).
+
+    `generate` answers every prompt (all ranks call it together and all get every answer).
+    An engine that keeps its own copy of the weights takes the reference's by `sync_weights`,
+    which the trainer calls before each generation; the backends that decode with `module`
+    itself ignore it.
+    """
+
+    name = "base"
+
+    def sync_weights(self, weights: Mapping[str, Tensor]) -> None:
+        """Take these weights (plain Hugging Face names) for the next generation; no-op here."""
+
+    def generate(
+        self, module: nn.Module, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
+        answers: list[list[int]] | None = None, show_progress: bool = False,
+    ) -> Generations:
+        """One answer per prompt. `seed` makes sampling reproducible; `answers` (one per prompt)
+        are scored under `module` where the backend can do it in the same pass."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the backend holds (an engine, its memory); no-op here."""
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, end_strings: list[str]) -> list[int]:
@@ -73,8 +107,33 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | Non
     return encoded[0] if len(encoded) == 1 else None
 
 
-def _multi_token_end_strings(tokenizer: PreTrainedTokenizerBase, end_strings: list[str]) -> list[str]:
-    return [s for s in end_strings if _single_token_id(tokenizer, s) is None]
+class StopRule:
+    """Where an answer ends, the same for every backend: at a stop id (an end string that is one
+    token, or eos), or at the token whose decoded text completes a longer end string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_strings: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = stop_token_ids(tokenizer, end_strings)
+        self.strings = [s for s in end_strings if _single_token_id(tokenizer, s) is None]
+
+    def completes_string(self, tokens: list[int]) -> bool:
+        """True once the decoded text contains a stop string; called on growing prefixes, so the first
+        True is the token that completes it (HF's StopStringCriteria rule)."""
+        if not self.strings:
+            return False
+        text = self.tokenizer.decode(tokens)
+        return any(s in text for s in self.strings)
+
+    def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """(tokens through the first stop, truncated = no stop at all). What follows a stop is
+        padding (generate) or nothing."""
+        stop_ids = set(self.ids)
+        # decoding every prefix is quadratic: only do it when the row contains a stop string at all
+        scan = self.completes_string(tokens)
+        for end, token in enumerate(tokens, start=1):
+            if token in stop_ids or (scan and self.completes_string(tokens[:end])):
+                return tokens[:end], False
+        return tokens, True
 
 
 def build_generation_config(
@@ -147,9 +206,117 @@ def plan_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def batch_seed(generator_seed: int | None, batch_index: int) -> int | None:
-    """The seed of one planned batch: distinct per batch, reproducible from the run's seed."""
-    return None if generator_seed is None else generator_seed * 1_000_003 + batch_index
+def sub_seed(seed: int | None, index: int) -> int | None:
+    """The seed of one planned batch (or, for an engine that seeds each request, one prompt):
+    distinct per index, reproducible from the run's seed."""
+    return None if seed is None else seed * 1_000_003 + index
+
+
+GeneratedRow = tuple[list[int], bool, "float | None", "float | None"]  # ids, truncated, logp, answer logp
+
+
+def collect_generations(rows: dict[int, GeneratedRow], n: int, answer_seconds: float = 0.0) -> Generations:
+    """`Generations` in prompt order from {prompt index: row}, gathered from every rank."""
+    merged: dict[int, GeneratedRow] = {}
+    for part in all_gather_objects(rows):
+        merged.update(part)
+    ordered = [merged[i] for i in range(n)]
+    logps = [r[2] for r in ordered]
+    answer_logps = [r[3] for r in ordered]
+    return Generations(
+        ids=[r[0] for r in ordered], truncated=[r[1] for r in ordered],
+        logps=logps if ordered and logps[0] is not None else None,
+        answer_logps=answer_logps if ordered and answer_logps[0] is not None else None,
+        answer_seconds=answer_seconds,
+    )
+
+
+def check_prompts(prompts: list[list[int]]) -> None:
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+
+
+class PlannedBackend(GenerationBackend):
+    """Decodes with the model itself, in batches planned as one process plans them (`plan_batches`),
+    batch b sampled from `sub_seed(seed, b)` wherever it runs, dealt round-robin to the ranks.
+
+    The answers therefore do not depend on the world size. Under FSDP2 the model is all-gathered for
+    the call (`parallel.gathered`): each rank then decodes its own batches with no collective per token.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32) -> None:
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+
+    def decode(self, model: nn.Module, prompts: list[list[int]], params: SamplingParams, stop: StopRule,
+               answers: list[list[int]] | None) -> DecodedBatch:
+        """New tokens of one batch (the global RNG is seeded for it)."""
+        raise NotImplementedError
+
+    def generate(
+        self, module: nn.Module, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
+        answers: list[list[int]] | None = None, show_progress: bool = False,
+    ) -> Generations:
+        check_prompts(prompts)
+        plan = plan_batches(prompts, self.batch_size)
+        stop = StopRule(self.tokenizer, params.end_strings)
+        model = unwrap(module)
+        rows: dict[int, GeneratedRow] = {}
+        answer_seconds = 0.0
+        # FSDP2 reuses its all-gather buffers after this call: inference tensors would poison them
+        no_grad = torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+        with gathered(module), _eval_mode(model), _isolated_generation_config(model), no_grad:
+            for b in tqdm(my_share(len(plan)), desc="Generating", disable=not (show_progress and info().is_main)):
+                batch = plan[b]
+                with _seeded(sub_seed(seed, b), model):
+                    decoded = self.decode(model, [prompts[i] for i in batch], params, stop,
+                                          None if answers is None else [answers[i] for i in batch])
+                answer_seconds += decoded.answer_seconds
+                for k, i in enumerate(batch):
+                    ids, truncated = stop.cut(decoded.tokens[k])
+                    logp = sum(decoded.token_logps[k][: len(ids)]) if decoded.token_logps is not None else None
+                    rows[i] = (ids, truncated, logp, decoded.answer_logps[k] if decoded.answer_logps else None)
+        return collect_generations(rows, len(prompts), answer_seconds)
+
+
+class HFGenerateBackend(PlannedBackend):
+    """Hugging Face ``generate`` with a GenerationConfig built from scratch (`model.spin.generation_backend=hf`)."""
+
+    name = "hf"
+
+    def decode(self, model: nn.Module, prompts: list[list[int]], params: SamplingParams, stop: StopRule,
+               answers: list[list[int]] | None) -> DecodedBatch:
+        pad_id = _pad_id(self.tokenizer, stop)
+        config = build_generation_config(params, stop.ids, pad_id, stop.strings)
+        input_ids, attention_mask = _left_pad(prompts, pad_id, _model_device(model))
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            tokenizer=self.tokenizer if config.stop_strings else None,
+        )
+        return DecodedBatch(output[:, input_ids.shape[1]:].tolist(), token_logps=None, answer_logps=None)
+
+
+class DecoderBackend(PlannedBackend):
+    """spinlm's cached decoder (`model.spin.generation_backend=spinlm`): it keeps each sampled token's
+    log-prob and scores the given answers on the prompt's KV cache, so the reference needs no second
+    pass. Models it cannot decode (sliding-window or recurrent layers) go through ``generate``."""
+
+    name = "spinlm"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32) -> None:
+        super().__init__(tokenizer, batch_size)
+        self.fallback = HFGenerateBackend(tokenizer, batch_size)
+
+    def decode(self, model: nn.Module, prompts: list[list[int]], params: SamplingParams, stop: StopRule,
+               answers: list[list[int]] | None) -> DecodedBatch:
+        if not supports_cached_decoding(model):
+            return self.fallback.decode(model, prompts, params, stop, None)
+        return decode_batch(
+            model, prompts, pad_id=_pad_id(self.tokenizer, stop), stop_ids=stop.ids,
+            max_new_tokens=params.max_length, min_new_tokens=params.min_length, greedy=params.use_greedy,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            repetition_penalty=params.repetition_penalty,
+            stop_check=stop.completes_string if stop.strings else None, answers=answers,
+        )
 
 
 def generate(
@@ -163,116 +330,25 @@ def generate(
     answers: list[list[int]] | None = None,
     cached_decoding: bool | None = None,
 ) -> Generations:
-    """Sample one answer per prompt, batch by batch as `plan_batches` groups them.
+    """Sample one answer per prompt with the decoder on the model itself (HF ``generate`` when
+    `cached_decoding` is False), batch by batch as `plan_batches` groups them.
 
     ``generator_seed`` seeds a private RNG stream per batch (the global RNG state is left as it
     was), so the same prompts, weights and seed regenerate identical answers: the trainer seeds
     per iteration so a resumed run regenerates what the interrupted one did.
     """
-    plan = plan_batches(prompts, batch_size)
-    rows, answer_seconds = generate_planned(
-        model, tokenizer, prompts, params, plan, range(len(plan)), generator_seed,
-        show_progress=show_progress, answers=answers, cached_decoding=cached_decoding,
-    )
-    return collect_generations(rows, len(prompts), answer_seconds)
-
-
-GeneratedRow = tuple[list[int], bool, "float | None", "float | None"]  # ids, truncated, logp, answer logp
-
-
-def collect_generations(rows: dict[int, GeneratedRow], n: int, answer_seconds: float = 0.0) -> Generations:
-    """`Generations` in prompt order from the rows of `generate_planned` (of one or several ranks)."""
-    ordered = [rows[i] for i in range(n)]
-    logps = [r[2] for r in ordered]
-    answer_logps = [r[3] for r in ordered]
-    return Generations(
-        ids=[r[0] for r in ordered], truncated=[r[1] for r in ordered],
-        logps=logps if ordered and logps[0] is not None else None,
-        answer_logps=answer_logps if ordered and answer_logps[0] is not None else None,
-        answer_seconds=answer_seconds,
-    )
-
-
-def generate_planned(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    plan: list[list[int]],
-    batch_ids: Sequence[int | None],
-    generator_seed: int | None = None,
-    show_progress: bool = False,
-    answers: list[list[int]] | None = None,
-    cached_decoding: bool | None = None,
-) -> tuple[dict[int, GeneratedRow], float]:
-    """({prompt index: (ids, truncated, logp, answer logp)}, seconds scoring `answers`) for the
-    planned batches `batch_ids` of `plan`.
-
-    Batch b samples from seed `batch_seed(generator_seed, b)` wherever it runs. A None entry is
-    a dummy step (one prompt, answer dropped). Log-probs come with cached decoding only (None otherwise).
-    """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
-    model = unwrap(model)
-    stop_ids = stop_token_ids(tokenizer, params.end_strings)
-    stop_strings = _multi_token_end_strings(tokenizer, params.end_strings)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    config = build_generation_config(params, stop_ids, pad_id, stop_strings)
-    if cached_decoding is None:
-        cached_decoding = supports_cached_decoding(model)
-    if answers is not None and not cached_decoding:
+    backend = (HFGenerateBackend if cached_decoding is False else DecoderBackend)(tokenizer, batch_size)
+    if answers is not None and not (cached_decoding is not False and supports_cached_decoding(unwrap(model))):
         raise ValueError("generate: scoring `answers` needs cached decoding")
-    out: dict[int, GeneratedRow] = {}
-    answer_seconds = 0.0
-    stop_set = set(stop_ids)
-    # FSDP2 reuses its all-gather buffers after this call: inference tensors would poison them
-    no_grad = torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
-    with _eval_mode(model), _isolated_generation_config(model), no_grad:
-        for b in tqdm(batch_ids, desc="Generating", disable=not show_progress):
-            batch = plan[b] if b is not None else plan[0][:1]
-            with _seeded(batch_seed(generator_seed, b if b is not None else 0), model):
-                if cached_decoding:
-                    decoded = decode_batch(
-                        model, [prompts[i] for i in batch], pad_id=pad_id, stop_ids=stop_ids,
-                        max_new_tokens=params.max_length, min_new_tokens=params.min_length,
-                        greedy=params.use_greedy, temperature=params.temperature, top_k=params.top_k,
-                        top_p=params.top_p, repetition_penalty=params.repetition_penalty,
-                        stop_check=(lambda t: _completes_stop_string(t, stop_strings, tokenizer)) if stop_strings else None,
-                        answers=None if answers is None else [answers[i] for i in batch],
-                    )
-                    new_tokens = decoded.tokens
-                    answer_seconds += decoded.answer_seconds
-                else:
-                    new_tokens = _generate_batch(model, tokenizer, [prompts[i] for i in batch], config, pad_id)
-            if b is None:
-                continue
-            for k, (i, row) in enumerate(zip(batch, new_tokens)):
-                ids, truncated = _cut_at_stop(row, stop_set, stop_strings, tokenizer)
-                logp = sum(decoded.token_logps[k][: len(ids)]) if cached_decoding else None
-                answer_logp = decoded.answer_logps[k] if cached_decoding and answers is not None else None
-                out[i] = (ids, truncated, logp, answer_logp)
-    return out, answer_seconds
+    return backend.generate(model, prompts, params, generator_seed, answers=answers, show_progress=show_progress)
 
 
-def _generate_batch(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    config: GenerationConfig,
-    pad_id: int,
-) -> list[list[int]]:
-    """Left-pad (decoder-only generate continues from the last column) and return the new tokens per row."""
-    input_ids, attention_mask = _left_pad(prompts, pad_id, _model_device(model))
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=config,
-        tokenizer=tokenizer if config.stop_strings else None,
-    )
-    return output[:, input_ids.shape[1] :].tolist()
+def _pad_id(tokenizer: PreTrainedTokenizerBase, stop: StopRule) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop.ids[0]
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Left padding: a decoder-only generate continues from the last column."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -284,27 +360,3 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _cut_at_stop(
-    tokens: list[int], stop_ids: set[int], stop_strings: list[str], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], bool]:
-    """Keep tokens through the first stop (a stop id, or the token completing a stop string).
-
-    What follows is the padding generate appends to finished rows. Returns (ids, truncated).
-    """
-    # decoding every prefix is quadratic: only do it when the row contains a stop string at all
-    scan_strings = stop_strings if _completes_stop_string(tokens, stop_strings, tokenizer) else []
-    for end, token in enumerate(tokens, start=1):
-        if token in stop_ids or _completes_stop_string(tokens[:end], scan_strings, tokenizer):
-            return tokens[:end], False
-    return tokens, True
-
-
-def _completes_stop_string(tokens: list[int], stop_strings: list[str], tokenizer: PreTrainedTokenizerBase) -> bool:
-    """True once the decoded text contains a stop string; called on growing prefixes, so the first
-    True is the token that completes it (HF's StopStringCriteria rule)."""
-    if not stop_strings:
-        return False
-    text = tokenizer.decode(tokens)
-    return any(s in text for s in stop_strings)

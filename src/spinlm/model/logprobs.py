@@ -8,8 +8,29 @@ keeps the forward identical to the one used for a single unpadded sequence.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
+
+
+@functools.cache
+def keeps_logits_by_mask() -> bool:
+    """True when transformers' ``logits_to_keep`` takes a boolean (B, L) mask (newer transformers 5.x;
+    5.19, which vLLM pins, takes only a count or 1D positions)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def masked_logits(model: nn.Module, keep: Tensor, **inputs) -> Tensor:
+    """(K, V) logits at the K positions where the boolean (B, L) `keep` is True, the LM head run only
+    there when transformers can (else over every position, then selected)."""
+    if keeps_logits_by_mask():
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs, logits_to_keep=0).logits[keep]
 
 
 def token_logprobs(model: nn.Module, input_ids: Tensor) -> Tensor:

@@ -30,15 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from spinlm.model.loading import unwrap
+from spinlm.model.logprobs import keeps_logits_by_mask
 
 _MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def supports_packed_pairs(model: nn.Module) -> bool:
     """True when the model takes a custom 4D mask, position ids and a boolean ``logits_to_keep``."""
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (boolean masks: transformers >= 5)
-    except ImportError:
+    if not keeps_logits_by_mask():
         return False
     inner = unwrap(model)
     config = getattr(inner, "config", None)

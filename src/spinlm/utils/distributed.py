@@ -12,6 +12,7 @@ reuse, or one rank leaves a loop while the others wait in a collective forever.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,18 @@ def info() -> DistInfo:
         return DistInfo()
     env = env_info()
     return DistInfo(dist.get_rank(), dist.get_world_size(), env.local_rank, env.local_world_size)
+
+
+def my_share(n: int, lockstep: bool = False, group_size: int = 1) -> list[int | None]:
+    """This rank's items of `n`, dealt round-robin to the groups of `group_size` consecutive ranks (one
+    group per rank by default; balanced when the items are sorted by cost). With `lockstep`, padded with
+    None (a dummy item) to the count of the busiest group: under FSDP2 every forward is a collective."""
+    d = info()
+    groups = max(1, d.world_size // group_size)
+    mine: list[int | None] = list(range(d.rank // group_size, n, groups))
+    if lockstep:
+        mine += [None] * (math.ceil(n / groups) - len(mine))
+    return mine
 
 
 def backend_for(device_type: str) -> str:
