@@ -3,6 +3,7 @@
     pip install -e '.[bench]'                                  # trl (pinned), for the baseline only
     python benchmarks/spin_bench.py --quick                    # tiny random model, a few minutes
     python benchmarks/spin_bench.py --out benchmarks/results.json   # SmolLM2-135M-Instruct, fp32
+    python benchmarks/spin_bench.py --generation               # generation tokens/s: spinlm, hf, vllm backends
 
 Workload (identical for both sides): the same model loaded twice (policy + reference), the same
 prompts (token ids rendered by spinlm's chat renderer), the same sampling parameters (temperature
@@ -43,6 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+import generation_bench  # noqa: E402  (benchmarks/: on the path when this file runs as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SPINLM_BENCH_CACHE", Path.home() / ".cache" / "spinlm-bench"))
@@ -373,6 +376,10 @@ def results_page(r: dict, argv: list[str]) -> str:
 
 def child(args) -> None:
     spec = json.loads(Path(args.spec).read_text())
+    if args.child.startswith("gen-"):
+        out = generation_bench.run_child(args.child[4:], spec)
+        Path(args.child_out).write_text(json.dumps(out, indent=1))
+        return
     fn = run_baseline if args.child == "baseline" else run_spinlm
     torch.set_num_threads(spec["threads"])
     out = fn(Path(spec["model"]), Path(spec["data"]), spec["workload"])
@@ -391,7 +398,10 @@ def main(argv=None) -> int:
                    help="rounds of both sides, alternating; each side's fastest iteration counts (default: 1 quick, 2 full)")
     p.add_argument("--sides", default="baseline,spinlm", help="which sides to run (debugging)")
     p.add_argument("--reuse-baseline", default=None, help="take the baseline from an earlier --out FILE (development)")
-    p.add_argument("--child", choices=["baseline", "spinlm"], help=argparse.SUPPRESS)
+    p.add_argument("--generation", action="store_true", help="generation tokens/s of the spinlm, hf and vllm backends")
+    p.add_argument("--vllm-python", default=sys.executable, help="python of an environment with vLLM (--generation)")
+    p.add_argument("--child", choices=["baseline", "spinlm", *(f"gen-{b}" for b in generation_bench.BACKENDS)],
+                   help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -403,7 +413,10 @@ def main(argv=None) -> int:
     if args.prompts:
         w["prompts"] = args.prompts
     work = Path(tempfile.mkdtemp(prefix="spin-bench-"))
-    model = Path(args.model) if args.model else prepare_model(args.quick)
+    if args.model or not (args.quick and args.generation):
+        model = Path(args.model) if args.model else prepare_model(args.quick)
+    else:
+        model = generation_bench.quick_model(CACHE)
     if args.data:  # the first N conversations, so both sides see exactly the same ones
         lines = Path(args.data).read_text(encoding="utf-8").splitlines(keepends=True)[: w["prompts"]]
         data = work / "task.jsonl"
@@ -411,11 +424,13 @@ def main(argv=None) -> int:
     else:
         data = write_task(work / "task", w["prompts"])
     threads = torch.get_num_threads()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if args.generation:
+        return generation_main(args, w, model, data, work, threads, env, argv)
     rates = matmul_rates()
     spec = {"model": str(model), "data": str(data), "workload": w, "threads": threads}
     (work / "spec.json").write_text(json.dumps(spec))
     runs: dict[str, list[dict]] = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     if args.reuse_baseline:
         runs["baseline"] = [json.loads(Path(args.reuse_baseline).read_text())["baseline"]]
     repeats = args.repeats or (1 if args.quick else 2)
@@ -456,6 +471,25 @@ def main(argv=None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(results_page(result, argv if argv is not None else sys.argv[1:]))
         print(f"[spin_bench] wrote {args.markdown}")
+    return 0
+
+
+def generation_main(args, w: dict, model: Path, data: Path, work: Path, threads: int, env: dict, argv) -> int:
+    """--generation: the backends side by side on the same workload; vllm from --vllm-python when it has vLLM."""
+    spec = {"model": str(model), "data": str(data), "workload": w, "threads": threads, "seed": COMMON["seed"],
+            "temperature": COMMON["temperature"]}
+    (work / "spec.json").write_text(json.dumps(spec))
+    pythons = {"spinlm": sys.executable, "hf": sys.executable, "vllm": args.vllm_python}
+    if not generation_bench.vllm_importable(args.vllm_python):
+        print(f"[spin_bench] no vLLM in {args.vllm_python}: vllm side skipped (see --vllm-python)", flush=True)
+        del pythons["vllm"]
+    result = generation_bench.compare(work / "spec.json", work, __file__, env, args.repeats or 1, pythons)
+    result.update(workload=w, meta={"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(),
+                                    "threads": threads, "model": str(model), "argv": argv or sys.argv[1:]})
+    result["markdown"] = generation_bench.markdown(result)
+    print(result["markdown"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -97,6 +97,9 @@ def test_greedy_fp32_answers_match_spinlm_decoder_after_a_push(engine, model, to
 
 def test_pushing_changed_weights_changes_the_answers_to_the_new_weights(engine, model, tokenizer, prompts):
     params = _greedy(16)
+    # openings of over 64 tokens fill KV blocks the prefix cache keeps: the push must clear them
+    opening = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3, add_special_tokens=False)
+    prompts = [opening + p for p in prompts]
     before = engine.generate(model, prompts, params)
     other = vllm_tiny_model(tokenizer, seed=1)
     try:
@@ -136,6 +139,8 @@ def test_stop_ids_and_stop_strings_cut_as_the_decoder_cuts(engine, model, tokeni
     assert got.truncated == [False] and got.ids[0] == free[: len(got.ids[0])]
     assert end in tokenizer.decode(got.ids[0]) and end not in tokenizer.decode(got.ids[0][:-1])
     assert _answers(got) == _answers(decoder.generate(model, prompts[1:2], _greedy(12, [end])))
+    raw = engine._run([prompts[1]], [sampling_params(_greedy(12, [end]), StopRule(tokenizer, [end]), None)], False)
+    assert list(raw[0].outputs[0].token_ids) == got.ids[0] and raw[0].outputs[0].finish_reason == "stop"  # the engine stopped
 
 
 def test_truncated_flag_and_min_length_as_the_decoder(engine, model, tokenizer, prompts):
