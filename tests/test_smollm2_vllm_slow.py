@@ -13,18 +13,6 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    pytest.importorskip("gguf")
-    from spinlm.errors import ConfigError
-    from spinlm.model.prepare import prepare_model
-
-    try:
-        return prepare_model()
-    except ConfigError as err:
-        pytest.skip(str(err))
-
-
 def test_greedy_fp32_answers_match_spinlm_decoder_on_32_held_out_prompts(smollm2_dir, tmp_path):
     from spinlm.data.render import ChatRenderer
     from spinlm.data.tasks import write_task
