@@ -11,12 +11,12 @@ with position ids 0..P-1, P..P+A-1, P..P+G-1 (y' restarts after the prompt) and 
 attention mask: every token sees the prompt and the earlier tokens of its own answer, never the
 other answer. The last prompt position predicts the first token of both answers. The model is
 asked for logits only where an answer token is predicted (HF ``logits_to_keep`` with a boolean
-(B, L) mask), so the LM head runs on the answer positions only.
+(B, L) mask), so the LM head runs on the answer positions only (transformers 5.19 takes no mask:
+there the head runs everywhere and the answer positions are selected, `logprobs.masked_logits`).
 
 Exact up to float rounding: the test compares with two padded rows scored by
 ``masked_sum_logprobs``. It is the model's own forward (softcapping, scaling, DDP/FSDP hooks all
-apply); it needs an attention implementation that takes a 4D mask (sdpa, eager) and a
-transformers version whose ``logits_to_keep`` accepts a boolean mask. ``supports_packed_pairs``
+apply); it needs an attention implementation that takes a 4D mask (sdpa, eager). ``supports_packed_pairs``
 says whether a model qualifies; callers fall back to padded rows otherwise.
 """
 
@@ -30,15 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from spinlm.model.loading import unwrap
-from spinlm.model.logprobs import keeps_logits_by_mask
+from spinlm.model.logprobs import masked_logits
 
 _MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def supports_packed_pairs(model: nn.Module) -> bool:
-    """True when the model takes a custom 4D mask, position ids and a boolean ``logits_to_keep``."""
-    if not keeps_logits_by_mask():
-        return False
+    """True when the model takes a custom 4D mask, position ids and ``logits_to_keep``."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) not in _MASKED_ATTENTION:
@@ -115,13 +113,8 @@ def packed_pair_logprobs(model: nn.Module, packed: PackedPairs) -> tuple[Tensor,
     if getattr(unwrap(model).config, "_attn_implementation", None) == "eager":
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    logits = model(
-        input_ids=packed.input_ids.to(device),
-        position_ids=packed.position_ids.to(device),
-        attention_mask=mask,
-        logits_to_keep=packed.keep.to(device),
-        use_cache=False,
-    ).logits
+    logits = masked_logits(model, packed.keep.to(device), input_ids=packed.input_ids.to(device),
+                           position_ids=packed.position_ids.to(device), attention_mask=mask, use_cache=False)
     logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept, V)
     source, target = packed.source.to(device), packed.target.to(device)
     # log_softmax, not gather - logsumexp: its fused backward is ~2x faster on a (kept, V) matrix
