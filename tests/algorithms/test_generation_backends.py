@@ -68,7 +68,8 @@ def _rollouts(cfg) -> list[dict]:
 
 def test_hf_backend_trains_on_the_same_greedy_answers_and_reference_logprobs(cfg_factory):
     """hf generate + a separate packed reference pass == spinlm's decoder with its fused scoring."""
-    short = ("model.spin.sampling_params.use_greedy=true", "trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1")
+    short = ("model.spin.sampling_params.use_greedy=true", "trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1",
+             "model.optim.sched.warmup_steps=0")
     spinlm_cfg = cfg_factory(*short, run_name="spinlm")
     hf_cfg = cfg_factory(*short, "model.spin.generation_backend=hf", run_name="hf")
     run(spinlm_cfg)

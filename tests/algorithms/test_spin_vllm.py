@@ -28,7 +28,7 @@ from spinlm.train import build_trainer, run  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 VLLM = ("model.spin.generation_backend=vllm", "model.spin.vllm.kv_cache_gb=0.0625")
-ONE_ITERATION = ("trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1")
+ONE_ITERATION = ("trainer.spin.max_iterations=1", "trainer.spin.max_epochs=1", "model.optim.sched.warmup_steps=0")
 ROLLOUT_KEYS = {"index", "generated_ids", "truncated", "ref_logp_actual", "ref_logp_generated", "text"}
 
 

@@ -33,9 +33,7 @@ from spinlm.model.loading import export_hf
 from spinlm.model.reference import ReferencePolicy
 from spinlm.schedule import count_steps
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
-from spinlm.utils.distributed import (
-    all_gather_objects, any_rank, barrier, broadcast_from_main, gather_rows, info,
-)
+from spinlm.utils.distributed import all_gather_objects, any_rank, barrier, broadcast_from_main, gather_rows, info
 from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
 from spinlm.utils.logger import RunLogger, RunTimer
 from spinlm.utils.signals import StopRequested, StopSignals
@@ -267,8 +265,7 @@ class SPINTrainer:
             "timing/generation_s": t1 - t0,
             "timing/generation_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "timing/ref_logprobs_s": t2 - t1,
-            "train/generations_truncated": gens.num_truncated,
-            "train/generations_count": len(indices),
+            "train/generations_truncated": gens.num_truncated, "train/generations_count": len(indices),
         }
         log.info(
             "iteration %d: generated %d answers (%d tokens, %d cut at max_length) in %.1fs; reference log-probs %.1fs",
