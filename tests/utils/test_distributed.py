@@ -47,6 +47,9 @@ def _collectives(rank):
         "rows": D.gather_rows(torch.full((2, 3), float(rank))),
         "main": D.broadcast_from_main(f"from {rank}"),
         "objects": D.all_gather_objects({"rank": rank}),
+        # rank 0 alone holds the weights (as a reference's full state dict under torchrun)
+        "tensors": dict(D.broadcast_tensors_from_main(
+            {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([7], dtype=torch.int64)} if rank == 0 else {})),
     }
 
 
@@ -59,6 +62,8 @@ def test_two_ranks_agree(tmp_path):
         assert torch.equal(r["rows"], torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
         assert r["main"] == "from 0"
         assert r["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert list(r["tensors"]) == ["w", "b"] and torch.equal(r["tensors"]["w"], torch.arange(6.0).view(2, 3))
+        assert r["tensors"]["b"].dtype == torch.int64 and r["tensors"]["b"].tolist() == [7]
 
 
 def test_local_launch_starts_the_devices_a_lone_process_was_asked_for(monkeypatch):

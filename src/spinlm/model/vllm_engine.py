@@ -39,7 +39,7 @@ from spinlm.model.generation import (
     GenerationBackend, Generations, SamplingParams, StopRule, check_prompts, collect_generations, sub_seed,
 )
 from spinlm.model.loading import unwrap
-from spinlm.utils.distributed import info, my_share
+from spinlm.utils.distributed import broadcast_from_main, broadcast_tensors_from_main, info, my_share
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class VLLMBackend(GenerationBackend):
     def __init__(self, tokenizer: Any, model: nn.Module, settings: EngineSettings) -> None:
         self.tokenizer, self.settings = tokenizer, settings
         inner = unwrap(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a peft model: the HF one
         self.hf_config, self.architecture = inner.config, type(inner).__name__
         self.llm: Any = None
         self.model_dir: Path | None = None
@@ -123,8 +124,9 @@ class VLLMBackend(GenerationBackend):
     def sync_weights(self, weights: Mapping[str, Tensor]) -> None:
         """Load `weights` (plain Hugging Face names, e.g. `reference.state_dict()`) into the engine in place.
 
-        FSDP2 shards are gathered one tensor at a time as the engine reads them (a collective: every
-        rank pushes, in the same order). The prefix cache is cleared: its KV came from older weights.
+        The engine reads them one tensor at a time: FSDP2 shards are all-gathered, plain tensors are
+        broadcast from rank 0 (a collective: every rank pushes, in the same order). The prefix cache
+        is cleared: its KV came from older weights.
         """
         llm = self._engine()
         if self.asleep:
@@ -227,21 +229,39 @@ class VLLMBackend(GenerationBackend):
         return VLLMSamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
 
     def close(self) -> None:
-        """Shut the engine down (one process: with the process group vLLM made; under torchrun the
-        group is torchrun's, so the engine is left to the process exit) and remove its directory."""
+        """Shut the engine down and remove its directory. One process: with the process group vLLM
+        made. Under torchrun the default group is torchrun's (vLLM's shutdown would destroy it): only
+        the engine's own groups are left now, while the default group they hang on still exists."""
         if self.llm is not None and not info().is_distributed:
             self.llm.llm_engine.engine_core.shutdown()
+        elif self.llm is not None:
+            _leave_engine_groups()
         self.llm, self.has_weights = None, False
         if self.model_dir is not None:
             shutil.rmtree(self.model_dir, ignore_errors=True)
             self.model_dir = None
 
 
+def _leave_engine_groups() -> None:
+    """Destroy the process groups the engine made under torchrun (tensor-parallel and its world copy),
+    so the engine's exit-time shutdown finds nothing left to destroy after torchrun's group is gone."""
+    from vllm.distributed import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:  # no public call leaves torchrun's default group alone
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+
+
 def _full_tensors(weights: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Every rank's engine needs every full tensor, one at a time: FSDP2 shards (DTensors on every rank)
+    are all-gathered; plain tensors come from rank 0 (a full state dict under torchrun lives there only)."""
+    sharded = broadcast_from_main(any(hasattr(t, "full_tensor") for t in weights.values()))
+    if not sharded:
+        yield from ((name, t.detach()) for name, t in broadcast_tensors_from_main(weights))
+        return
     for name, tensor in weights.items():
-        if hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor shard
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
+        yield name, tensor.full_tensor().detach() if hasattr(tensor, "full_tensor") else tensor.detach()
 
 
 @contextlib.contextmanager

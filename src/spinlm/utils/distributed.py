@@ -4,9 +4,10 @@ One process (plain `python -m spinlm`, no torchrun) is world size 1 and every he
 no-op, so the trainer calls them unconditionally. With torchrun (WORLD_SIZE > 1 in the
 environment) `init_distributed` joins the process group: gloo on CPU, nccl on CUDA.
 
-The collectives here carry decisions and metrics, not weights: the ranks must agree on when
-to stop (wall-time, a non-finite loss), which checkpoint to resume and which rollouts to
-reuse, or one rank leaves a loop while the others wait in a collective forever.
+The collectives here carry decisions and metrics (and, for an inference engine on every rank,
+rank 0's weights): the ranks must agree on when to stop (wall-time, a non-finite loss), which
+checkpoint to resume and which rollouts to reuse, or one rank leaves a loop while the others wait
+in a collective forever.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -184,3 +186,21 @@ def broadcast_from_main(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_tensors_from_main(tensors: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Rank 0's named tensors on every rank, one at a time, so no rank holds a second full copy (weights
+    for an inference engine; the other ranks' `tensors` are not read). A collective: every rank must
+    consume the whole iterator, in step."""
+    if not info().is_distributed:
+        yield from tensors.items()
+        return
+    specs = broadcast_from_main([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()] if info().is_main else None)
+    device = _collective_device()
+    for name, shape, dtype in specs:
+        if info().is_main:
+            t = tensors[name].detach().to(device).contiguous()
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, src=0)
+        yield name, t
