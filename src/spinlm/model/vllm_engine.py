@@ -152,8 +152,8 @@ class VLLMBackend(GenerationBackend):
         stop = StopRule(self.tokenizer, params.end_strings)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         mine = [order[k] for k in my_share(len(order), group_size=self.settings.tensor_parallel_size)]
-        outputs = self._run([prompts[i] for i in mine], [sampling_params(params, stop, sub_seed(seed, i)) for i in mine],
-                            show_progress and info().is_main)
+        sampling = [sampling_params(params, stop, sub_seed(seed, i)) for i in mine]
+        outputs = self._run([prompts[i] for i in mine], sampling, show_progress and info().is_main)
         rows = {i: (*stop.cut(list(out.outputs[0].token_ids)), None, None) for i, out in zip(mine, outputs)}
         self._sleep()
         return collect_generations(rows, len(prompts))
