@@ -7,7 +7,8 @@ Equal work for every backend: the same model weights, the same prompt token ids 
 rendered by spinlm), the same sampling (temperature 1.0, no top-k/top-p, the same stop tokens and
 max new tokens), the same precision, one seed. Each backend runs in its own process, ``--repeats``
 times, alternating; a backend's fastest round counts. Tokens/s = answer tokens (through the stop
-token) / seconds in `generate`; the engine's start and the weight push are reported apart.
+token) / seconds in `generate`; tokens per CPU second (every thread of the process) is the steadier
+figure on a shared machine. The engine's start and the weight push are reported apart.
 vLLM pins transformers 5.19, so it usually lives in its own environment (`--vllm-python`).
 """
 
@@ -56,12 +57,14 @@ def run_child(backend: str, spec: dict) -> dict:
         out["weight_sync_s"] = time.perf_counter() - t0
     else:
         generator = (DecoderBackend if backend == "spinlm" else HFGenerateBackend)(tokenizer, w["gen_batch"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     gens = generator.generate(model, prompts, params, seed=spec["seed"])
     out["generation_s"] = time.perf_counter() - t0
+    out["cpu_s"] = time.process_time() - c0  # every thread of this process (the in-process engine's too)
     out["generated_tokens"] = sum(gens.lengths)
     out["truncated"] = gens.num_truncated
     out["tokens_per_s"] = out["generated_tokens"] / out["generation_s"]
+    out["tokens_per_cpu_s"] = out["generated_tokens"] / out["cpu_s"]
     generator.close()
     import transformers
 
@@ -105,14 +108,16 @@ def compare(spec_path: Path, work: Path, script: str, env: dict, repeats: int, p
 
 
 def markdown(result: dict) -> str:
-    best, base = result["best"], result["best"]["spinlm"]["tokens_per_s"]
-    lines = ["| backend | generation tokens/s | / spinlm | generation (s) | answer tokens | cut at max length | "
-             "engine start (s) | weight push (s) | versions |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    best, base = result["best"], result["best"]["spinlm"]
+    lines = ["| backend | generation tokens/s | / spinlm | tokens per CPU s | / spinlm | generation (s) | answer tokens | "
+             "cut at max length | engine start (s) | weight push (s) | versions |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in best.items():
         versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f} | {r['generation_s']:.1f} | "
-                     f"{r['generated_tokens']} | {r['truncated']} | {r['startup_s']:.1f} | {r['weight_sync_s']:.2f} | "
-                     f"{versions} |")
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | "
+                     f"{r['tokens_per_cpu_s']:.1f} | {r['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f} | "
+                     f"{r['generation_s']:.1f} | {r['generated_tokens']} | {r['truncated']} | {r['startup_s']:.1f} | "
+                     f"{r['weight_sync_s']:.2f} | {versions} |")
     per_round = "; ".join(f"{b}: " + ", ".join(f"{x['tokens_per_s']:.0f}" for x in rs)
                           for b, rs in result["rounds"].items())
     lines += ["", f"tokens/s of every round: {per_round}"]
