@@ -8,7 +8,7 @@ from torch import nn
 
 from spinlm.config import load_config
 from spinlm.errors import ConfigError
-from spinlm.schedule import LRSchedule, cosine_annealing
+from spinlm.schedule import LRSchedule, StepSchedule, cosine_annealing
 from spinlm.train import build_optimizer
 
 
@@ -214,3 +214,24 @@ def test_adamw_is_fused_on_cpu_and_matches_the_default_update():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_schedule_without_mixing_is_plain_arithmetic():
+    s = StepSchedule(steps_per_epoch=2, max_epochs=2, max_iterations=3)
+    assert s.max_steps == 12
+    for step in range(12):
+        assert s.position(step) == (step // 4, (step // 2) % 2, step % 2)
+    assert [step for step in range(13) if s.is_iteration_end(step)] == [4, 8, 12]
+    assert s.position(12) == (3, 0, 0)  # the run is done: every iteration completed
+
+
+def test_schedule_with_mixing_grows_until_k_sets():
+    s = StepSchedule(steps_per_epoch=2, max_epochs=1, max_iterations=4, mix_iterations=2)
+    assert [s.epoch_steps(t) for t in range(4)] == [2, 4, 4, 4]
+    assert s.max_steps == 14
+    assert [step for step in range(15) if s.is_iteration_end(step)] == [2, 6, 10, 14]
+    assert s.position(5) == (1, 0, 3)
+    assert StepSchedule(2, 1, 4, 2, step_cap=7).max_steps == 7
+    two_epochs = StepSchedule(steps_per_epoch=1, max_epochs=2, max_iterations=2, mix_iterations=3)
+    assert [two_epochs.position(step) for step in range(6)] == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 0, 1),
+                                                                (1, 1, 0), (1, 1, 1)]

@@ -343,6 +343,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_trackers(cfg)
     _validate_silent_traps(cfg)
     validate_generation(cfg.model.spin, world_size)
+    validate_pair_sets(cfg)
 
 
 def _validate_silent_traps(cfg: DictConfig) -> None:
@@ -386,3 +387,17 @@ def validate_generation(spin: DictConfig, world_size: int = 1) -> None:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"config: model.spin.vllm.{key} {why}")
+
+
+def validate_pair_sets(cfg: DictConfig) -> None:
+    """The keys of `spinlm.algorithms.pairs`: data mixing and the opponent mixture."""
+    spin = cfg.model.spin
+    if spin.mix_iterations < 1:
+        raise ConfigError(f"config: model.spin.mix_iterations must be >= 1 (1 = no mixing), got {spin.mix_iterations}")
+    if not 0.0 <= spin.opponent_mix_prob <= 1.0:
+        raise ConfigError(f"config: model.spin.opponent_mix_prob must be in [0, 1], got {spin.opponent_mix_prob}")
+    if spin.opponent_history < 1:
+        raise ConfigError(f"config: model.spin.opponent_history must be >= 1, got {spin.opponent_history}")
+    if spin.regenerate_each_epoch and (spin.mix_iterations > 1 or spin.opponent_mix_prob > 0):
+        raise ConfigError("config: model.spin.mix_iterations > 1 and opponent_mix_prob > 0 reuse each iteration's "
+                          "answers; they need model.spin.regenerate_each_epoch=false")

@@ -62,7 +62,8 @@ def prepare(cfg: DictConfig, world_size: int = 1) -> Prepared:
         if cfg.trainer.spin.max_steps is None or cfg.trainer.spin.max_steps <= 0:
             raise ConfigError("config: model.data.sample=true needs trainer.spin.max_steps > 0")
         train = subsample(train, cfg.trainer.spin.max_steps * cfg.model.global_batch_size, cfg.model.seed)
-    steps_per_epoch, _, max_steps = count_steps(len(train), cfg.trainer.spin, cfg.model.global_batch_size)
+    steps_per_epoch, _, max_steps = count_steps(len(train), cfg.trainer.spin, cfg.model.global_batch_size,
+                                                cfg.model.spin.mix_iterations)
     resolve_interval(cfg.trainer.spin.val_check_interval, steps_per_epoch, "trainer.spin.val_check_interval")
     LRSchedule.from_config(cfg.model.optim, max_steps)  # a schedule that cannot do what its keys say
     return Prepared(tokenizer, renderer, train, datasets["validation_ds"])

@@ -21,8 +21,45 @@ from spinlm.errors import ConfigError
 SCHED_KEY = "model.optim.sched"
 
 
-def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, steps_per_iteration, max_steps) as NeMo counts them (drop_last batches)."""
+@dataclass(frozen=True)
+class StepSchedule:
+    """Step arithmetic of a run: iteration t has min(t+1, mix_iterations) pair sets per epoch
+    (`model.spin.mix_iterations`, the paper's data mixing; 1 = every iteration alike)."""
+
+    steps_per_epoch: int     # of one pair set: the iteration's own prompts
+    max_epochs: int
+    max_iterations: int
+    mix_iterations: int = 1
+    step_cap: int | None = None  # trainer.spin.max_steps (None or < 0: none)
+
+    def epoch_steps(self, iteration: int) -> int:
+        return min(iteration + 1, self.mix_iterations) * self.steps_per_epoch
+
+    def iteration_start(self, iteration: int) -> int:
+        """The step at which `iteration` starts (the number of steps before it)."""
+        return sum(self.epoch_steps(j) * self.max_epochs for j in range(iteration))
+
+    @property
+    def max_steps(self) -> int:
+        total = self.iteration_start(self.max_iterations)
+        return min(total, self.step_cap) if self.step_cap is not None and self.step_cap >= 0 else total
+
+    def position(self, step: int) -> tuple[int, int, int]:
+        """(iteration, epoch, batch within the epoch) of the step trained after `step` steps."""
+        iteration = 0
+        while iteration < self.max_iterations and self.iteration_start(iteration + 1) <= step:
+            iteration += 1
+        offset = step - self.iteration_start(iteration)
+        per_epoch = self.epoch_steps(iteration)
+        return iteration, offset // per_epoch, offset % per_epoch
+
+    def is_iteration_end(self, step: int) -> bool:
+        return step > 0 and self.position(step)[1:] == (0, 0)
+
+
+def step_schedule(num_train_samples: int, spin_cfg: DictConfig, global_batch_size: int,
+                  mix_iterations: int = 1) -> StepSchedule:
+    """The run's steps as NeMo counts them (drop_last batches, limit_train_batches), with data mixing."""
     full_epoch = num_train_samples // global_batch_size
     if full_epoch == 0:
         raise ConfigError(
@@ -32,11 +69,15 @@ def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size:
     steps_per_epoch = resolve_limit(spin_cfg.limit_train_batches, full_epoch, "trainer.spin.limit_train_batches")
     if steps_per_epoch == 0:
         raise ConfigError("config: trainer.spin.limit_train_batches leaves no training batch")
-    steps_per_iteration = steps_per_epoch * spin_cfg.max_epochs
-    max_steps = steps_per_iteration * spin_cfg.max_iterations
-    if spin_cfg.max_steps is not None and spin_cfg.max_steps >= 0:
-        max_steps = min(max_steps, spin_cfg.max_steps)
-    return steps_per_epoch, steps_per_iteration, max_steps
+    return StepSchedule(steps_per_epoch, spin_cfg.max_epochs, spin_cfg.max_iterations, mix_iterations,
+                        spin_cfg.max_steps)
+
+
+def count_steps(num_train_samples: int, spin_cfg: DictConfig, global_batch_size: int,
+                mix_iterations: int = 1) -> tuple[int, int, int]:
+    """(steps_per_epoch of one pair set, steps of the first iteration, max_steps of the run)."""
+    s = step_schedule(num_train_samples, spin_cfg, global_batch_size, mix_iterations)
+    return s.steps_per_epoch, s.epoch_steps(0) * s.max_epochs, s.max_steps
 
 
 def cosine_annealing(step: int, max_steps: int, warmup_steps: int, constant_steps: int, min_ratio: float) -> float:

@@ -116,7 +116,8 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
     recorded = resume[1][1].get("cpu_linear_kernel") if resume is not None else None
     kernel, why = broadcast_from_main(
         choose_linear_kernel(cfg.model.cpu_linear_kernel, recorded) if launch.is_main else None)
-    _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size)
+    _, _, max_steps = count_steps(len(prep.train), cfg.trainer.spin, cfg.model.global_batch_size,
+                                  cfg.model.spin.mix_iterations)
     if launch.is_main:
         log.info("run %r in %s; CPU linear layers: %s (%s)", cfg.exp_manager.name, run_dir, kernel, why)
         log.info(LRSchedule.from_config(cfg.model.optim, max_steps).summary())

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from spinlm.algorithms import spin as spin_module
-from spinlm.algorithms.spin import SPINTrainer, count_steps
+from spinlm.algorithms.spin import SPINTrainer
 from spinlm.config import load_config
 from spinlm.model.generation import DecoderBackend, generate
+from spinlm.schedule import count_steps
 from spinlm.train import build_trainer, run
 
 
@@ -71,7 +72,7 @@ def test_count_steps_and_derived_positions(cfg_factory):
     assert count_steps(17, cfg.trainer.spin, 4)[0] == 3
 
     trainer = build_trainer(cfg_factory())
-    assert (trainer.steps_per_epoch, trainer.steps_per_iteration, trainer.max_steps) == (2, 4, 8)
+    assert (trainer.steps_per_epoch, trainer.schedule.iteration_start(1), trainer.max_steps) == (2, 4, 8)
     expected = [(0, 0), (0, 0), (1, 0), (1, 0), (0, 1), (0, 1), (1, 1), (1, 1)]
     for step, (epoch, iteration) in enumerate(expected):
         trainer.step = step
@@ -101,7 +102,7 @@ def test_generation_and_reference_logprobs_use_reference_weights(cfg_factory):
     assert from_ref.ids != from_policy.ids
     assert torch.equal(params_vector(trainer.reference.module), ref_before)
 
-    batch = trainer._pair_batch(indices[:2], rollouts)
+    batch = trainer._pair_batch([(0, i) for i in indices[:2]], {(0, i): r for i, r in rollouts.items()})
     expected = trainer.reference.logprobs(batch["actual"], batch["actual_mask"])
     assert torch.allclose(batch["ref_policy_log_probs_actual"], expected, atol=1e-4)
 
@@ -124,7 +125,7 @@ def test_reference_changes_at_iteration_ends_only(cfg_factory, monkeypatch):
 
     previous = initial_ref
     for step, ref, policy in seen:
-        if step % trainer.steps_per_iteration == 0:
+        if trainer.schedule.is_iteration_end(step):
             assert torch.equal(ref, policy), f"reference not refreshed at iteration end (step {step})"
         else:
             assert torch.equal(ref, previous), f"reference changed inside an iteration (step {step})"

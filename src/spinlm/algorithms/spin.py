@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from spinlm.algorithms.pairs import PairKey, PairSets
 from spinlm.algorithms.rollouts import Rollout, RolloutStore
 from spinlm.algorithms.scoring import batch_pairs, pair_logprobs
 from spinlm.algorithms.sharded import (
@@ -31,7 +32,7 @@ from spinlm.model.generation import GenerationBackend, SamplingParams
 from spinlm.model.kernels import linear_kernel_in_use
 from spinlm.model.loading import export_hf
 from spinlm.model.reference import ReferencePolicy
-from spinlm.schedule import count_steps
+from spinlm.schedule import step_schedule
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
 from spinlm.utils.distributed import all_gather_objects, any_rank, barrier, broadcast_from_main, gather_rows, info
 from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
@@ -54,6 +55,8 @@ class SPINTrainer:
         in `rollouts/` and reused by every epoch and by a resumed run; or every epoch
         (`model.spin.regenerate_each_epoch`, NeMo's behaviour);
       - reference log-probs computed once per generated set, in fixed batches;
+      - the paper's data mixing (the last k iterations' pairs) and an opponent mixture of earlier
+        iterates' answers (`spinlm.algorithms.pairs`);
       - any micro batch size, gradient accumulation up to `model.global_batch_size`;
       - sigmoid / hinge / ipo losses, beta scalar or one per iteration;
       - exact resume: weights, optimizer, scheduler, RNG, data position (the data order is a
@@ -109,8 +112,11 @@ class SPINTrainer:
 
         self.global_batch_size = self.model_cfg.global_batch_size
         self.micro_batch_size = self.model_cfg.micro_batch_size
-        counts = count_steps(len(train_dataset), self.cfg, self.global_batch_size)
-        self.steps_per_epoch, self.steps_per_iteration, self.max_steps = counts
+        self.schedule = step_schedule(len(train_dataset), self.cfg, self.global_batch_size,
+                                      self.model_cfg.spin.mix_iterations)
+        self.steps_per_epoch, self.max_steps = self.schedule.steps_per_epoch, self.schedule.max_steps
+        self.pair_sets = PairSets(cfg, rollout_store, len(train_dataset), self.steps_per_epoch * self.global_batch_size,
+                                  self._reference_logprobs)
         self.val_check_interval = resolve_interval(
             self.cfg.val_check_interval, self.steps_per_epoch, "trainer.spin.val_check_interval"
         )
@@ -129,11 +135,11 @@ class SPINTrainer:
     # ----- derived position -------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        return (self.step // self.steps_per_epoch) % self.cfg.max_epochs
+        return self.schedule.position(self.step)[1]
 
     @property
     def iteration(self) -> int:
-        return (self.step // self.steps_per_epoch) // self.cfg.max_epochs
+        return self.schedule.position(self.step)[0]
 
     # ----- the loop ---------------------------------------------------------------------
     def fit(self) -> None:
@@ -160,11 +166,11 @@ class SPINTrainer:
                             metrics = self.train_single_step(batch)
                         self.step += 1
                         self.consumed_samples += self.global_batch_size
-                        if self.step % self.steps_per_iteration == 0:
+                        if self.schedule.is_iteration_end(self.step) and self.reference is not None:
                             # before any save at this boundary, so a resume trains against the new opponent
                             self.reference.refresh_from(self.policy)
                         self._log_step(metrics, batch)
-                        if self.step % self.steps_per_iteration == 0:
+                        if self.schedule.is_iteration_end(self.step):
                             self.evaluate_held_out()
                         bar.update(1)
                         bar.set_postfix(iteration=iteration, epoch=epoch, loss=f"{metrics['loss']:.4f}")
@@ -206,29 +212,17 @@ class SPINTrainer:
                  "max prompt len": max(len(s["prompt_ids"]) for s in self.train_dataset.samples),
                  "max new tokens": self.sampling.max_length}
         with self.stop_signals.abandonable(), oom_guard("generation / reference log-probs", sizes, _GENERATION_KEYS):
-            rollouts = self._rollouts_for(iteration, epoch)
-        order = self._epoch_order(iteration, epoch)
-        start = self.step % self.steps_per_epoch
-        for b in range(start, self.steps_per_epoch):
-            indices = order[b * self.global_batch_size:(b + 1) * self.global_batch_size]
-            yield self._pair_batch(indices, rollouts)
-
-    def _epoch_order(self, iteration: int, epoch: int) -> list[int]:
-        n = len(self.train_dataset)
-        if not self.model_cfg.data.train_ds.shuffle:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.model_cfg.seed + 7919 * (iteration * self.cfg.max_epochs + epoch))
-        return torch.randperm(n, generator=g).tolist()
-
-    def _used_indices(self, iteration: int, epochs: range) -> list[int]:
-        used = self.steps_per_epoch * self.global_batch_size
-        return sorted({i for e in epochs for i in self._epoch_order(iteration, e)[:used]})
+            keys, answers = self.pair_sets.for_epoch(iteration, epoch, self._rollouts_for(iteration, epoch))
+        self._pending_timings.update(self.pair_sets.pop_metrics())
+        gbs = self.global_batch_size
+        for b in range(self.schedule.position(self.step)[2], len(keys) // gbs):
+            yield self._pair_batch(keys[b * gbs:(b + 1) * gbs], answers)
 
     def _rollouts_for(self, iteration: int, epoch: int) -> dict[int, Rollout]:
         per_epoch = bool(self.model_cfg.spin.regenerate_each_epoch)
         key_epoch = epoch if per_epoch else None
         epochs = range(epoch, epoch + 1) if per_epoch else range(self.cfg.max_epochs)
-        indices = self._used_indices(iteration, epochs)
+        indices = self.pair_sets.own_prompts(iteration, epochs)
         cached = broadcast_from_main(self.rollouts.load(iteration, key_epoch, indices) if info().is_main else None)
         if cached is not None:
             return cached
@@ -261,6 +255,7 @@ class SPINTrainer:
             self.rollouts.save(iteration, key_epoch, rollouts, texts)
         n_tokens = sum(gens.lengths)
         self._pending_timings = {
+            **self._pending_timings,
             "timing/weight_sync_s": t0 - t_sync,
             "timing/generation_s": t1 - t0,
             "timing/generation_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
@@ -281,11 +276,13 @@ class SPINTrainer:
             generated, self.eos_id, self.model_cfg.spin.log_prob_forward_micro_batch_size, self._autocast,
         )
 
-    def _pair_batch(self, indices: list[int], rollouts: dict[int, Rollout]) -> dict[str, Tensor]:
+    def _pair_batch(self, keys: list[PairKey], answers: dict[PairKey, Rollout]) -> dict[str, Tensor]:
+        indices = [i for _, i in keys]
+        rollouts = [answers[k] for k in keys]
         items = [self.train_dataset[i] for i in indices]
         actual = spin_custom_collate([{**it, "index": i} for it, i in zip(items, indices)], self.eos_id)
         generated = spin_custom_collate(
-            [{"prompt_ids": it["prompt_ids"], "answer_ids": rollouts[i].generated_ids} for it, i in zip(items, indices)],
+            [{"prompt_ids": it["prompt_ids"], "answer_ids": r.generated_ids} for it, r in zip(items, rollouts)],
             self.eos_id,
         )
         return {
@@ -296,9 +293,9 @@ class SPINTrainer:
             "prompts_only": actual["prompts_only"],
             "prompt_lengths": actual["prompt_lengths"],
             "generated_lengths": generated["combined_lengths"] - generated["prompt_lengths"],
-            "generated_truncated": torch.tensor([rollouts[i].truncated for i in indices]),
-            "ref_policy_log_probs_actual": torch.tensor([rollouts[i].ref_logp_actual for i in indices]),
-            "ref_policy_log_probs_generated": torch.tensor([rollouts[i].ref_logp_generated for i in indices]),
+            "generated_truncated": torch.tensor([r.truncated for r in rollouts]),
+            "ref_policy_log_probs_actual": torch.tensor([r.ref_logp_actual for r in rollouts]),
+            "ref_policy_log_probs_generated": torch.tensor([r.ref_logp_generated for r in rollouts]),
             "sample_index": actual["sample_index"],
         }
 
@@ -332,21 +329,9 @@ class SPINTrainer:
             rew_gen.append(out.rewards_generated)
             pol_act.append(logps_act.detach())
             pol_gen.append(logps_gen.detach())
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_checked(self.policy, self.cfg.gradient_clip_val)
-        if not torch.isfinite(grad_norm) and self.scaler.is_enabled():  # fp16 overflow: lower the scale, skip
-            self.scaler.step(self.optimizer)  # skips the update (the scaler saw the inf)
-            self.scaler.update()
-            return self._skip_step(t0, "skipped_overflow")
-        if not torch.isfinite(grad_norm):
-            where = first_non_finite_grad(self.policy)
-            non_finite(self.step + 1, f"the gradient norm is {grad_norm.item()} (first non-finite: {where})",
-                       self.skip_non_finite)
-            return self._skip_step(t0)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        update = self._clip_and_step()
+        if isinstance(update, str):
+            return self._skip_step(t0, update)
         # the whole global batch, from every rank: one gather of the five per-row columns
         columns = torch.stack([torch.cat(t).float() for t in (losses, rew_act, rew_gen, pol_act, pol_gen)], dim=1)
         losses, rew_act, rew_gen, pol_act, pol_gen = gather_rows(columns).cpu().unbind(dim=1)
@@ -355,8 +340,8 @@ class SPINTrainer:
             **reward_metrics(rew_act, rew_gen),
             "logps_actual_mean": pol_act.mean().item(),  # policy sum log p, as TRL's logps/chosen
             "logps_generated_mean": pol_gen.mean().item(),
-            "grad_norm": grad_norm.item(),
-            "lr": lr,
+            "grad_norm": update[0],
+            "lr": update[1],
             "beta": self.beta,
         }
         if self.scaler.is_enabled():
@@ -364,6 +349,26 @@ class SPINTrainer:
         metrics["step_time"] = time.perf_counter() - t0
         metrics["epoch"], metrics["iteration"] = self.epoch, self.iteration  # of the step being trained
         return metrics
+
+    def _clip_and_step(self) -> tuple[float, float] | str:
+        """Unscale, clip, check and apply the accumulated gradients: (grad norm, lr), or why the step
+        is skipped (an fp16 overflow lowers the scale; a non-finite norm under skip_non_finite_steps)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_checked(self.policy, self.cfg.gradient_clip_val)
+        if not torch.isfinite(grad_norm) and self.scaler.is_enabled():  # fp16 overflow: lower the scale, skip
+            self.scaler.step(self.optimizer)  # skips the update (the scaler saw the inf)
+            self.scaler.update()
+            return "skipped_overflow"
+        if not torch.isfinite(grad_norm):
+            where = first_non_finite_grad(self.policy)
+            non_finite(self.step + 1, f"the gradient norm is {grad_norm.item()} (first non-finite: {where})",
+                       self.skip_non_finite)
+            return "skipped_non_finite"
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm.item(), lr
 
     def _skip_step(self, t0: float, why: str = "skipped_non_finite") -> dict[str, float]:
         """A step without update (non-finite under skip_non_finite_steps, or an fp16 overflow); the lr
@@ -402,7 +407,7 @@ class SPINTrainer:
     def evaluate_held_out(self) -> None:
         """Held-out accuracy and SFT loss of the policy after the iterations done so far, logged as eval/*."""
         if self.evaluator is not None:
-            metrics = self.evaluator(self.policy, self.step // self.steps_per_iteration, self._autocast)
+            metrics = self.evaluator(self.policy, self.schedule.position(self.step)[0], self._autocast)
             self.last_eval = {k.replace("/", "_"): v for k, v in metrics.items() if k.startswith("eval/")}
             self.last_eval["eval_step"] = self.step
             self.logger.log_metrics(metrics, self.step)
@@ -410,8 +415,9 @@ class SPINTrainer:
     # ----- logging ------------------------------------------------------------------------
     def _log_step(self, metrics: dict[str, float], batch: dict[str, Tensor]) -> None:
         row = {f"train/{k}": v for k, v in metrics.items() if k != "step_time"}
+        if "generated_lengths" in batch:
+            row["train/avg_generated_lengths"] = batch["generated_lengths"].float().mean().item()
         row.update({
-            "train/avg_generated_lengths": batch["generated_lengths"].float().mean().item(),
             "train/consumed_samples": self.consumed_samples,
             "train/step_time": metrics["step_time"],
             "timing/train_step_s": metrics["step_time"],
@@ -450,7 +456,9 @@ class SPINTrainer:
         return {"model.global_batch_size": self.global_batch_size, "model.seed": self.model_cfg.seed,
                 "training samples": len(self.train_dataset), "steps per epoch": self.steps_per_epoch,
                 "trainer.spin.max_epochs": self.cfg.max_epochs,
-                "model.data.train_ds.shuffle": bool(self.model_cfg.data.train_ds.shuffle)}
+                "model.data.train_ds.shuffle": bool(self.model_cfg.data.train_ds.shuffle),
+                **{f"model.spin.{k}": self.model_cfg.spin[k] for k in ("mix_iterations", "opponent_mix_prob",
+                                                                      "opponent_history")}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_layout(state.get("layout"), self._layout())
@@ -462,8 +470,9 @@ class SPINTrainer:
     def save(self) -> None:
         """Full (unsharded) weights and name-keyed optimizer state, gathered from all ranks; rank 0 writes."""
         self._saved_step = self.step
-        modules = {"policy": parallel.full_state_dict(self.policy),
-                   "reference": parallel.full_state_dict(self.reference.module)}
+        modules = {"policy": parallel.full_state_dict(self.policy)}
+        if self.reference is not None:
+            modules["reference"] = parallel.full_state_dict(self.reference.module)
         optimizer = parallel.full_optimizer_state_dict(self.policy, self.optimizer)
         rng = rank_rng_states()
         if info().is_main:
@@ -476,7 +485,8 @@ class SPINTrainer:
         """Resume from a checkpoint directory written by `save` (`loaded`: its (states, meta), already read)."""
         states, meta = loaded or self.checkpointer.load(path, {})
         parallel.load_full_state_dict(self.policy, self.checkpointer.weights(path, "policy"))
-        parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
+        if self.reference is not None:
+            parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
         parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
         if states.get("grad_scaler"):
