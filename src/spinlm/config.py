@@ -36,6 +36,7 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
     "model.encoder_seq_length": (int,),
     "model.optim.sched.warmup_steps": (int,),
     "model.data.chat_prompt_tokens": (dict,),
+    "model.sft.early_stopping_patience": (int,),
     "pretrained_checkpoint.restore_from_path": (str,),
     "exp_manager.exp_dir": (str,),
     **{f"exp_manager.wandb_logger_kwargs.{k}": (str,)
@@ -268,6 +269,7 @@ SCHEDULERS = ("CosineAnnealing", "Constant")
 # exp_manager.checkpoint_callback_params.monitor -> the mode that keeps the best checkpoint
 MONITORS = {"val_loss": "min", "eval_sft_loss": "min", "eval_accuracy": "max", "eval_answer_style": "max"}
 GENERATION_BACKENDS = ("auto", "spinlm", "hf", "vllm")  # model.spin.generation_backend
+SFT_LOSS_TURNS = ("final", "all")  # model.sft.loss_turns
 
 
 def check_num_nodes(cfg: DictConfig, launched_nodes: int) -> None:
@@ -344,6 +346,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _validate_silent_traps(cfg)
     validate_generation(cfg.model.spin, world_size)
     validate_pair_sets(cfg)
+    validate_sft(cfg)
+
+
+def validate_sft(cfg: DictConfig) -> None:
+    """The keys of `spinlm sft` (`spinlm.algorithms.sft`)."""
+    sft = cfg.model.sft
+    if sft.loss_turns not in SFT_LOSS_TURNS:
+        raise ConfigError(f"config: model.sft.loss_turns must be one of {SFT_LOSS_TURNS}, got {sft.loss_turns!r}")
+    if sft.early_stopping_patience is not None and sft.early_stopping_patience < 1:
+        raise ConfigError(f"config: model.sft.early_stopping_patience must be >= 1 or null, got {sft.early_stopping_patience}")
 
 
 def _validate_silent_traps(cfg: DictConfig) -> None:

@@ -43,8 +43,10 @@ class Prepared:
     val: SPINDataset
 
 
-def prepare(cfg: DictConfig, world_size: int = 1) -> Prepared:
-    """Check the config, paths, run directory and data; resolve the config's computed values in place."""
+def prepare(cfg: DictConfig, world_size: int = 1, turn_masks: bool = False) -> Prepared:
+    """Check the config, paths, run directory and data; resolve the config's computed values in place.
+
+    `turn_masks`: the training samples also mark their prompts' earlier answers (SFT on every turn)."""
     validate(cfg, world_size)
     check_paths(cfg)
     check_run_dir(cfg)
@@ -56,7 +58,8 @@ def prepare(cfg: DictConfig, world_size: int = 1) -> Prepared:
     OmegaConf.resolve(cfg)
 
     renderer = ChatRenderer(tokenizer, cfg.model.data.chat_prompt_tokens)
-    datasets = {key: _dataset(cfg, key, renderer, context) for key in ("train_ds", "validation_ds")}
+    datasets = {key: _dataset(cfg, key, renderer, context, turn_masks and key == "train_ds")
+                for key in ("train_ds", "validation_ds")}
     train = datasets["train_ds"]
     if cfg.model.data.sample:
         if cfg.trainer.spin.max_steps is None or cfg.trainer.spin.max_steps <= 0:
@@ -103,7 +106,7 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
 
 
-def _dataset(cfg: DictConfig, key: str, renderer: ChatRenderer, context: int) -> SPINDataset:
+def _dataset(cfg: DictConfig, key: str, renderer: ChatRenderer, context: int, turn_masks: bool) -> SPINDataset:
     ds_cfg = cfg.model.data[key]
     max_new = cfg.model.spin.length_params.max_length
     if ds_cfg.max_seq_length > context:
@@ -118,5 +121,5 @@ def _dataset(cfg: DictConfig, key: str, renderer: ChatRenderer, context: int) ->
         )
     return build_dataset(
         ds_cfg.file_path, renderer, ds_cfg.max_seq_length, ds_cfg.max_seq_length - max_new,
-        policy=cfg.model.data.length_policy, skip_bad=bool(cfg.model.data.skip_bad_records),
+        policy=cfg.model.data.length_policy, skip_bad=bool(cfg.model.data.skip_bad_records), turn_masks=turn_masks,
     )

@@ -1,4 +1,4 @@
-"""The SPIN recipe: config -> model, data, optimizer, trainer -> fit. `spinlm train` calls `run`."""
+"""The SPIN recipe: config -> model, data, optimizer, trainer -> fit. `spinlm train` and `spinlm sft` call `run`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spinlm.algorithms.rollouts import RolloutStore
+from spinlm.algorithms.sft import SFTTrainer
 from spinlm.algorithms.spin import SPINTrainer
 from spinlm.config import check_num_nodes, parse_max_time
 from spinlm.errors import CheckpointError, ConfigError
@@ -95,11 +96,14 @@ def warn_unused_keys(cfg: DictConfig, policy: torch.nn.Module, backend: str) -> 
                     cfg.exp_manager.explicit_log_dir)
 
 
-def build_trainer(cfg: DictConfig) -> SPINTrainer:
-    """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked."""
+def build_trainer(cfg: DictConfig, sft: bool = False) -> SPINTrainer:
+    """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked.
+
+    `sft`: plain supervised fine-tuning (`SFTTrainer`: no reference policy) instead of SPIN."""
     launch = init_distributed(cfg.trainer.accelerator)  # torchrun's process group; world size 1 without it
     device = pick_device(cfg.trainer.accelerator, launch.local_rank)
-    prep = prepare(cfg, launch.world_size)  # config, paths and data checked before the weights load
+    # config, paths and data checked before the weights load
+    prep = prepare(cfg, launch.world_size, turn_masks=sft and cfg.model.sft.loss_turns == "all")
     check_num_nodes(cfg, launch.num_nodes)
     backend = resolve_backend(cfg.model.spin.generation_backend, device)  # a missing engine fails before loading
     strategy = parallel.resolve_strategy(cfg.trainer.strategy, launch.world_size)
@@ -127,10 +131,11 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
                         trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
     vocab_size = policy.get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
     warn_unused_keys(cfg, policy, backend)
-    reference = ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
+    reference = None if sft else ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
     generator = make_backend(cfg, prep.tokenizer, policy, device)
     policy = parallel.wrap_policy(policy, strategy, device)
-    reference.module = parallel.place_reference(reference.module, strategy, device)
+    if reference is not None:
+        reference.module = parallel.place_reference(reference.module, strategy, device)
     if launch.rank > 0:
         torch.manual_seed(cfg.model.seed + 1_000_003 * launch.rank)  # own dropout stream; rank 0 as 1 process
     if launch.is_distributed:
@@ -142,7 +147,7 @@ def build_trainer(cfg: DictConfig) -> SPINTrainer:
         as_run.model.cpu_linear_kernel = kernel
         atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(as_run))
     optimizer, scheduler = build_optimizer(cfg, policy, max_steps=max_steps)
-    trainer = SPINTrainer(
+    trainer = (SFTTrainer if sft else SPINTrainer)(
         cfg, policy, reference, prep.tokenizer, optimizer, scheduler, prep.train, prep.val,
         logger=logger, checkpointer=checkpointer, rollout_store=RolloutStore(run_dir / "rollouts", vocab_size),
         run_timer=RunTimer(parse_max_time(cfg.exp_manager.max_time_per_run, "exp_manager.max_time_per_run")),
@@ -178,8 +183,8 @@ def read_resume(cfg: DictConfig, checkpointer: Checkpointer) -> tuple[Path, tupl
     return found, checkpointer.load(found, {})
 
 
-def run(cfg: DictConfig) -> SPINTrainer:
-    trainer = build_trainer(cfg)
+def run(cfg: DictConfig, sft: bool = False) -> SPINTrainer:
+    trainer = build_trainer(cfg, sft)
     try:
         trainer.fit()
         if info().is_main:

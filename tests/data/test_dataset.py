@@ -134,3 +134,18 @@ def test_subsample_seed_matters():
     ds = make_dataset(20)
     first = lambda d: [d[i]["prompt_ids"][0] for i in range(len(d))]  # noqa: E731
     assert first(subsample(ds, 10, seed=0)) != first(subsample(ds, 10, seed=1))
+
+
+def test_turn_masks_follow_a_prompt_cut_from_the_left(tmp_path, tokenizer):
+    from spinlm.data.render import ChatRenderer
+
+    path = tmp_path / "multi.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "How can I help you today?"},
+        {"role": "user", "content": "What is 12 + 7?"}, {"role": "assistant", "content": "19."}]}) + "\n")
+    renderer = ChatRenderer(tokenizer)
+    full = build_dataset(path, renderer, 200, 150, turn_masks=True)[0]
+    cut = build_dataset(path, renderer, 200, len(full["prompt_ids"]) - 3, turn_masks=True)[0]
+    assert len(full["prompt_mask"]) == len(full["prompt_ids"]) and any(full["prompt_mask"])
+    assert cut["prompt_mask"] == full["prompt_mask"][3:] and cut["prompt_ids"] == full["prompt_ids"][3:]
+    assert "prompt_mask" not in build_dataset(path, renderer, 200, 150)[0]

@@ -125,3 +125,15 @@ def test_nemo_mode_missing_key():
     tokens = {k: v for k, v in NEMO_TOKENS.items() if k != "end_of_name"}
     with pytest.raises(ConfigError, match="end_of_name"):
         ChatRenderer(build_tiny_tokenizer(), tokens)
+
+
+@pytest.mark.parametrize("nemo", [False, True])
+def test_earlier_answer_mask_marks_exactly_the_earlier_answers(tokenizer, nemo):
+    renderer = ChatRenderer(tokenizer, NEMO_TOKENS if nemo else None)
+    prompt_ids, _ = renderer.render(MULTI)
+    mask = renderer.earlier_answer_mask(MULTI)
+    assert len(mask) == len(prompt_ids)
+    marked = tokenizer.decode([t for t, m in zip(prompt_ids, mask) if m])
+    # the earlier answer with its end-of-turn marker, as a final answer is rendered
+    assert marked == ("How can I help you today?\n<extra_id_1>" if nemo else "How can I help you today?<|im_end|>")
+    assert renderer.earlier_answer_mask(SINGLE) == [False] * len(renderer.render(SINGLE)[0])

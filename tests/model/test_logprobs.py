@@ -82,3 +82,16 @@ def test_masked_mean_nll_rejects_empty_mask(model):
     ids = _ids(6, (1, 4))
     with pytest.raises(ValueError):
         masked_mean_nll(model, ids, torch.zeros_like(ids, dtype=torch.bool))
+
+
+def test_answer_logprob_sums_match_the_full_head_with_a_graph(model):
+    from spinlm.model.logprobs import answer_logprob_sums
+
+    ids = _ids(3, (3, 12))
+    masks = torch.zeros(3, 12, dtype=torch.bool)
+    masks[0, 4:9], masks[1, 1:12], masks[2, 2:3], masks[2, 7:10] = True, True, True, True  # gaps too
+    got = answer_logprob_sums(model, ids, masks)
+    torch.testing.assert_close(got, masked_sum_logprobs(model, ids, masks), atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert next(model.parameters()).grad is not None
+    model.zero_grad(set_to_none=True)

@@ -157,7 +157,7 @@ class SPINTrainer:
             try:
                 if self.step == 0:
                     self.evaluate_held_out()  # the start model
-                while self.step < self.max_steps and stop is None:
+                while not self._done() and stop is None:
                     iteration, epoch = self.iteration, self.epoch
                     self.beta = kl_penalty_for_iteration(self.model_cfg.spin.ref_policy_kl_penalty, iteration)
                     for batch in self.augment_dataloader(iteration, epoch):
@@ -175,12 +175,13 @@ class SPINTrainer:
                         bar.update(1)
                         bar.set_postfix(iteration=iteration, epoch=epoch, loss=f"{metrics['loss']:.4f}")
 
-                        is_last = self.step >= self.max_steps
+                        is_last = self._done()
                         stop = None if is_last else self._stop_reason()
                         if self.step % self.val_check_interval == 0 or is_last or stop == "max_time":
                             with oom_guard("validation", {"micro batch": self.micro_batch_size}, _STEP_KEYS):
                                 self.run_validation()
                             self._log_samples(batch)
+                            is_last = self._done()  # SFT stops once val/loss stalls
                         if self.step % self.cfg.save_interval == 0 or is_last or stop:
                             self.save()
                         if is_last or stop:
@@ -194,6 +195,9 @@ class SPINTrainer:
             log.warning("%s at step %d: saved; run the same command again to resume", stop, self.step)
         else:
             self._finish()
+
+    def _done(self) -> bool:
+        return self.step >= self.max_steps
 
     def _stop_reason(self) -> str | None:
         """Why to stop now; the ranks agree (the first rank's reason that has one)."""
@@ -214,9 +218,14 @@ class SPINTrainer:
         with self.stop_signals.abandonable(), oom_guard("generation / reference log-probs", sizes, _GENERATION_KEYS):
             keys, answers = self.pair_sets.for_epoch(iteration, epoch, self._rollouts_for(iteration, epoch))
         self._pending_timings.update(self.pair_sets.pop_metrics())
+        for batch_keys in self._remaining_batches(keys):
+            yield self._pair_batch(batch_keys, answers)
+
+    def _remaining_batches(self, keys: list[PairKey]) -> Iterator[list[PairKey]]:
+        """The epoch's global batches of keys from the current step's position on (a resume starts mid-epoch)."""
         gbs = self.global_batch_size
         for b in range(self.schedule.position(self.step)[2], len(keys) // gbs):
-            yield self._pair_batch(keys[b * gbs:(b + 1) * gbs], answers)
+            yield keys[b * gbs:(b + 1) * gbs]
 
     def _rollouts_for(self, iteration: int, epoch: int) -> dict[int, Rollout]:
         per_epoch = bool(self.model_cfg.spin.regenerate_each_epoch)

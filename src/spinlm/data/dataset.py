@@ -63,21 +63,23 @@ class LengthReport:
 
 class SPINDataset(torch.utils.data.Dataset):
     """Items are dict(prompt_ids, answer_ids, index); index is the item's position here,
-    stable for the dataset's life, so generations can be matched back to their sample."""
+    stable for the dataset's life, so generations can be matched back to their sample. Built with
+    `turn_masks`, items also hold prompt_mask: True at the prompt's earlier assistant answers."""
 
     def __init__(self, samples: list[dict], report: LengthReport | None = None):
-        self.samples = [
-            {"prompt_ids": list(s["prompt_ids"]), "answer_ids": list(s["answer_ids"]), "index": i}
-            for i, s in enumerate(samples)
-        ]
+        self.samples = [{**_copy(s), "index": i} for i, s in enumerate(samples)]
         self.report = report
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        return {"prompt_ids": list(s["prompt_ids"]), "answer_ids": list(s["answer_ids"]), "index": s["index"]}
+        return {**_copy(self.samples[i]), "index": self.samples[i]["index"]}
+
+
+def _copy(sample: dict) -> dict:
+    keys = ("prompt_ids", "answer_ids", "prompt_mask") if "prompt_mask" in sample else ("prompt_ids", "answer_ids")
+    return {k: list(sample[k]) for k in keys}
 
 
 def check_lengths(max_seq_length: int, max_prompt_length: int, policy: str) -> None:
@@ -119,10 +121,12 @@ def build_dataset(
     policy: str = "truncate",
     limit: int | None = None,
     skip_bad: bool = False,
+    turn_masks: bool = False,
 ) -> SPINDataset:
     """Read, render and length-fit a chat JSONL file (the first `limit` conversations).
 
-    `skip_bad` drops unusable records (counted, logged) instead of stopping at the first one."""
+    `skip_bad` drops unusable records (counted, logged) instead of stopping at the first one;
+    `turn_masks` adds each sample's prompt_mask (`ChatRenderer.earlier_answer_mask`)."""
     check_lengths(max_seq_length, max_prompt_length, policy)
     conversations = read_chat_jsonl(path, skip_bad=skip_bad)[:limit]
     report = LengthReport(
@@ -144,6 +148,8 @@ def build_dataset(
         report.prompt_truncated += prompt_cut
         report.answer_truncated += answer_cut
         samples.append({"prompt_ids": prompt, "answer_ids": answer})
+        if turn_masks:  # a cut prompt keeps its end: so does its mask
+            samples[-1]["prompt_mask"] = renderer.earlier_answer_mask(conv)[len(prompt_ids) - len(prompt):]
     log.info(report.summary())
     if not samples:
         raise DataError(f"{path}:0: no sample survives the length policy ({report.summary()})")

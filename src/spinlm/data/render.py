@@ -85,6 +85,28 @@ class ChatRenderer:
         prompt_text, answer_text = self.render_text(conv)
         return self._encode(prompt_text), self._encode(answer_text)
 
+    def earlier_answer_mask(self, conv: Conversation) -> list[bool]:
+        """Per token of the rendered prompt: True inside an earlier assistant answer (through its end
+        marker), for SFT's loss on every assistant turn (`model.sft.loss_turns=all`).
+
+        The spans come from rendering the conversation cut after each earlier answer; token
+        character offsets (a fast tokenizer) map them onto the prompt's own ids."""
+        prompt_text, _ = self.render_text(conv)
+        where = f"{conv.source}: " if conv.source else ""
+        spans = []
+        for j, turn in enumerate(conv.turns[:-1]):
+            if turn.role != "assistant":
+                continue
+            head, answer = self.render_text(Conversation(turns=conv.turns[:j + 1], system=conv.system))
+            if not prompt_text.startswith(head + answer):
+                raise DataError(f"{where}the chat template renders an earlier answer differently inside the whole "
+                                "conversation; model.sft.loss_turns=all cannot find its tokens (use final)")
+            spans.append((len(head), len(head) + len(answer)))
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ConfigError("config: model.sft.loss_turns=all needs a fast (Rust) tokenizer for token offsets")
+        enc = self.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+        return [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -71,6 +71,19 @@ def masked_sum_logprobs(
     return torch.cat(chunks)
 
 
+def answer_logprob_sums(model: nn.Module, input_ids: Tensor, masks: Tensor) -> Tensor:
+    """(B,) as ``masked_sum_logprobs`` (keeps the graph), with the LM head only at the positions that
+    predict a masked token: for SFT on CPU the head over every prompt position is most of the step."""
+    keep = torch.zeros_like(masks, dtype=torch.bool)
+    keep[:, :-1] = masks[:, 1:].bool()  # position j predicts token j + 1
+    logits = masked_logits(model, keep, input_ids=input_ids, use_cache=False)
+    logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept, V), row-major
+    targets = input_ids[:, 1:][keep[:, :-1]]
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)[keep]
+    return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
+
+
 def _masked_logprobs(model: nn.Module, input_ids: Tensor, masks: Tensor) -> Tensor:
     """Token log-probs with unscored positions set to exactly 0 (where, not multiply: no 0 * -inf)."""
     return torch.where(masks.bool(), token_logprobs(model, input_ids), 0.0)

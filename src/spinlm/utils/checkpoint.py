@@ -216,6 +216,13 @@ class Checkpointer:
         value = float(value)
         return value if math.isfinite(value) else None  # a NaN/inf metric (diverged run) is never "best"
 
+    def best(self) -> Path | None:
+        """The checkpoint with the best `monitor` value (the oldest of equals), or None when none has one."""
+        scored = [(m, p) for p in self.step_dirs() if (m := self._metric(p)) is not None]
+        if not scored:
+            return None
+        return (min if self.mode == "min" else max)(scored, key=lambda mp: mp[0])[1]
+
     def _prune(self) -> None:
         """Keep the newest `keep_last` (-1: all; 0: the newest only, for resuming) plus the best."""
         for stale in self.directory.glob(".tmp_step_*"):  # left by a crash mid-save
@@ -224,9 +231,8 @@ class Checkpointer:
         if self.keep_last < 0:
             return
         keep = set(dirs[-self.keep_last:]) if self.keep_last > 0 else set(dirs[-1:])
-        scored = [(m, p) for p in dirs if (m := self._metric(p)) is not None]
-        if scored:
-            best = (min if self.mode == "min" else max)(scored, key=lambda mp: mp[0])[1]
+        best = self.best()
+        if best is not None:
             keep.add(best)
         for p in dirs:
             if p not in keep:
