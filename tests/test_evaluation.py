@@ -41,6 +41,17 @@ def test_evaluate_tiny_model_sft_loss_is_the_token_mean_nll(setup):
     assert len(result.records) == len(items)
 
 
+def test_answers_scored_in_the_decoding_pass_give_the_same_result(setup, monkeypatch):
+    model, tokenizer, renderer, items, _ = setup
+    args = (model, tokenizer, items, renderer.end_strings, 8, 4)
+    separate = evaluate(*args, show_progress=False, loss_in_decoding=False)
+    monkeypatch.setattr("spinlm.evaluation.answer_nll_sharded", lambda *a, **k: pytest.fail("a second pass ran"))
+    fast = evaluate(*args, show_progress=False)
+    assert [r["reply"] for r in fast.records] == [r["reply"] for r in separate.records]
+    assert fast.accuracy == separate.accuracy
+    assert fast.sft_loss == pytest.approx(separate.sft_loss, rel=1e-6)
+
+
 def test_accuracy_counts_replies_whose_answer_matches(setup, monkeypatch):
     model, tokenizer, renderer, items, _ = setup
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
