@@ -109,3 +109,19 @@ def test_devices_from_one_process_starts_them(tmp_path, tiny_model_dir, chat_fil
     assert "2 processes on 1 node(s), strategy ddp" in result.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1]
+
+
+def test_sft_command_trains_and_refuses_bad_sft_keys(tmp_path, tiny_model_dir):
+    common = [f"pretrained_checkpoint.restore_from_path={tiny_model_dir}", f"model.data.train_ds.file_path={NEMO_SAMPLE}",
+              f"model.data.validation_ds.file_path={NEMO_SAMPLE}", "trainer.spin.max_iterations=1",
+              "model.global_batch_size=8", "model.micro_batch_size=4", "model.spin.length_params.max_length=32"]
+    bad = spinlm("sft", *common, "model.sft.loss_turns=some", f"exp_manager.explicit_log_dir={tmp_path / 'bad'}",
+                 cwd=tmp_path)
+    assert bad.returncode == 2 and "model.sft.loss_turns must be one of" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    run_dir = tmp_path / "sft"
+    result = spinlm("sft", *common, "model.sft.loss_turns=all", f"exp_manager.explicit_log_dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]  # 30 conversations // 8
+    assert (run_dir / "final" / "model.safetensors").is_file()
