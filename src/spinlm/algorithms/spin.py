@@ -23,8 +23,9 @@ from spinlm.algorithms.scoring import batch_pairs, pair_logprobs
 from spinlm.algorithms.sharded import (
     answer_nll_sharded, local_rows, rank_rng_states, reference_logprobs_sharded, set_rank_rng_state,
 )
-from spinlm.config import kl_penalty_for_iteration, resolve_interval, resolve_limit
+from spinlm.config import kl_penalty_for_iteration, resolve_interval
 from spinlm.data.collate import spin_custom_collate
+from spinlm.data.dataset import validation_batches
 from spinlm.errors import TrainingError  # noqa: F401 (re-exported)
 from spinlm.loss import reward_metrics, spin_loss
 from spinlm.model import parallel
@@ -35,7 +36,7 @@ from spinlm.model.reference import ReferencePolicy
 from spinlm.schedule import step_schedule
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
 from spinlm.utils.distributed import all_gather_objects, any_rank, barrier, broadcast_from_main, gather_rows, info
-from spinlm.utils.guards import clip_checked, first_non_finite_grad, non_finite, oom_guard
+from spinlm.utils.guards import apply_gradients, non_finite, oom_guard
 from spinlm.utils.logger import RunLogger, RunTimer
 from spinlm.utils.signals import StopRequested, StopSignals
 
@@ -120,7 +121,8 @@ class SPINTrainer:
         self.val_check_interval = resolve_interval(
             self.cfg.val_check_interval, self.steps_per_epoch, "trainer.spin.val_check_interval"
         )
-        self.val_batches = self._val_batches()
+        self.val_batches = validation_batches(len(val_dataset), self.global_batch_size,
+                                              self.model_cfg.data.validation_ds.drop_last, self.cfg.limit_val_batches)
 
         self.step = 0
         self.consumed_samples = 0
@@ -360,24 +362,8 @@ class SPINTrainer:
         return metrics
 
     def _clip_and_step(self) -> tuple[float, float] | str:
-        """Unscale, clip, check and apply the accumulated gradients: (grad norm, lr), or why the step
-        is skipped (an fp16 overflow lowers the scale; a non-finite norm under skip_non_finite_steps)."""
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_checked(self.policy, self.cfg.gradient_clip_val)
-        if not torch.isfinite(grad_norm) and self.scaler.is_enabled():  # fp16 overflow: lower the scale, skip
-            self.scaler.step(self.optimizer)  # skips the update (the scaler saw the inf)
-            self.scaler.update()
-            return "skipped_overflow"
-        if not torch.isfinite(grad_norm):
-            where = first_non_finite_grad(self.policy)
-            non_finite(self.step + 1, f"the gradient norm is {grad_norm.item()} (first non-finite: {where})",
-                       self.skip_non_finite)
-            return "skipped_non_finite"
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return grad_norm.item(), lr
+        return apply_gradients(self.policy, self.optimizer, self.scheduler, self.scaler, self.cfg.gradient_clip_val,
+                               self.step + 1, self.skip_non_finite)
 
     def _skip_step(self, t0: float, why: str = "skipped_non_finite") -> dict[str, float]:
         """A step without update (non-finite under skip_non_finite_steps, or an fp16 overflow); the lr
@@ -388,16 +374,6 @@ class SPINTrainer:
                 "epoch": self.epoch, "iteration": self.iteration}
 
     # ----- validation ---------------------------------------------------------------------
-    def _val_batches(self) -> list[list[int]]:
-        """Fixed validation batches (dataset order): val/loss is comparable across validations."""
-        n = len(self.val_dataset)
-        gbs = self.global_batch_size
-        batches = [list(range(s, min(s + gbs, n))) for s in range(0, n, gbs)]
-        if self.model_cfg.data.validation_ds.drop_last:
-            batches = [b for b in batches if len(b) == gbs]
-        count = resolve_limit(self.cfg.limit_val_batches, len(batches), "trainer.spin.limit_val_batches")
-        return batches[:count]
-
     @torch.no_grad()
     def run_validation(self) -> dict[str, float]:
         """Token-mean SFT loss (NLL) of the ground-truth answers of the validation batches."""

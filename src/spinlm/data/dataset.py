@@ -31,7 +31,7 @@ import torch
 
 from spinlm.data.chat import read_chat_jsonl
 from spinlm.data.render import ChatRenderer
-from spinlm.config import LENGTH_POLICIES
+from spinlm.config import LENGTH_POLICIES, resolve_limit
 from spinlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -184,3 +184,12 @@ def subsample(dataset: SPINDataset, num_samples: int, seed: int) -> SPINDataset:
     order = torch.cat([torch.randperm(len(dataset), generator=generator) for _ in range(passes)])
     chosen = [dataset.samples[i] for i in order[:num_samples].tolist()]
     return SPINDataset(chosen, dataset.report)
+
+
+def validation_batches(n: int, global_batch_size: int, drop_last: bool, limit: int | float) -> list[list[int]]:
+    """Fixed validation batches in dataset order, so that val/loss is comparable across validations
+    (`limit`: trainer.spin.limit_val_batches)."""
+    batches = [list(range(s, min(s + global_batch_size, n))) for s in range(0, n, global_batch_size)]
+    if drop_last:
+        batches = [b for b in batches if len(b) == global_batch_size]
+    return batches[:resolve_limit(limit, len(batches), "trainer.spin.limit_val_batches")]

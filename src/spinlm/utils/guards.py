@@ -68,3 +68,25 @@ def non_finite(step: int, what: str, skip: bool) -> None:
             "trainer.spin.skip_non_finite_steps=true to skip such steps"
         )
     log.warning("step %d: %s; update skipped (trainer.spin.skip_non_finite_steps=true)", step, what)
+
+
+def apply_gradients(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                    max_norm: float | None, step: int, skip: bool) -> tuple[float, float] | str:
+    """Unscale, clip, check and apply the accumulated gradients of step `step`: (grad norm, lr), or
+    why the update is skipped ("skipped_overflow": an fp16 overflow lowers the scale;
+    "skipped_non_finite": a non-finite norm under `skip`, else TrainingError)."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_checked(module, max_norm)
+    if not torch.isfinite(grad_norm) and scaler.is_enabled():  # fp16 overflow: lower the scale, skip
+        scaler.step(optimizer)  # skips the update (the scaler saw the inf)
+        scaler.update()
+        return "skipped_overflow"
+    if not torch.isfinite(grad_norm):
+        where = first_non_finite_grad(module)
+        non_finite(step, f"the gradient norm is {grad_norm.item()} (first non-finite: {where})", skip)
+        return "skipped_non_finite"
+    lr = optimizer.param_groups[0]["lr"]
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return grad_norm.item(), lr
