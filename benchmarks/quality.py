@@ -3,6 +3,9 @@
     python benchmarks/quality.py            # the study (~40 min on 2 idle cores): runs/quality/, then
                                             # benchmarks/quality.{md,json,png}
     python benchmarks/quality.py --report   # rebuild the table, plot and JSON from the finished runs
+    python benchmarks/quality.py --deadline 02:30   # stop (resumably) at 02:30 and report what finished
+A second `quality.py` started beside the first shares the work: each run is locked by the worker
+that runs it, and the other takes the next one.
     python benchmarks/quality.py --quick    # the same pipeline on a tiny random model, a few minutes
 
 Protocol (SPIN's claim: from a model already SFT'd on the data, more SFT stops helping, SPIN keeps improving):
@@ -35,6 +38,7 @@ the machine's speed (and its load) during the run.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -129,8 +133,9 @@ def prepare(runs: Path, plan: Plan) -> dict[str, Path]:
     test = (task / "test.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     subsets = {"sft_train": lines[:plan.sft_conversations], "prompts": lines[:plan.prompts],
                "held_out": test[:plan.held_out]}  # the first ones: the splits are drawn in random order
-    for name, part in subsets.items():
-        (task / f"{name}.jsonl").write_text("".join(part), encoding="utf-8")
+    for name, part in subsets.items():  # written once: another worker's runs may be reading them
+        if not (task / f"{name}.jsonl").is_file():
+            (task / f"{name}.jsonl").write_text("".join(part), encoding="utf-8")
     return {"model": model, "validation": task / "validation.jsonl", **{k: task / f"{k}.jsonl" for k in subsets}}
 
 
@@ -138,8 +143,9 @@ class OutOfTime(Exception):
     """The study's deadline (`--deadline`) passed: the run in progress was stopped (it saved; resumable)."""
 
 
-def run(command: str, run_dir: Path, overrides: list[str], label: str, deadline: float | None = None) -> dict:
-    """One spinlm run in its own process (as a user runs it); skipped when done, resumed when interrupted.
+def run(command: str, run_dir: Path, overrides: list[str], label: str, deadline: float | None = None) -> dict | None:
+    """One spinlm run in its own process (as a user runs it); skipped when done, resumed when interrupted,
+    left to the other worker when one has it (None: several `quality.py` processes share the runs).
 
     At `deadline` (epoch seconds) the run gets SIGTERM: it saves and stops; the same command resumes it."""
     done = run_dir / "done.json"
@@ -149,6 +155,19 @@ def run(command: str, run_dir: Path, overrides: list[str], label: str, deadline:
     if deadline is not None and time.time() >= deadline:
         raise OutOfTime(label)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "worker.lock", "w") as lock:
+        try:  # another `quality.py` process (a second worker) has this run
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"  {label}: another worker runs it", flush=True)
+            return None
+        return _run_locked(command, run_dir, overrides, label, deadline)
+
+
+def _run_locked(command: str, run_dir: Path, overrides: list[str], label: str, deadline: float | None) -> dict:
+    done = run_dir / "done.json"
+    if done.is_file():  # finished by another worker meanwhile
+        return json.loads(done.read_text())
     args = [sys.executable, "-m", "spinlm", command, *RECIPE, f"exp_manager.explicit_log_dir={run_dir}", *overrides]
     print(f"  {label}: {'resuming' if (run_dir / 'checkpoints').is_dir() else 'starting'} -> {run_dir}", flush=True)
     t0 = time.time()
@@ -180,6 +199,10 @@ def sft_model(runs: Path, data: dict[str, Path], plan: Plan, deadline: float | N
                          f"model.data.train_ds.file_path={data['sft_train']}",
                          f"model.data.validation_ds.file_path={data['validation']}",
                          f"trainer.spin.max_epochs={plan.sft_epochs}", *SFT_STAGE], "sft-model", deadline)
+    while not (run_dir / "done.json").is_file():  # another worker is making it
+        if deadline is not None and time.time() >= deadline:
+            raise OutOfTime("sft-model")
+        time.sleep(10)
     return run_dir / "final"
 
 
