@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,3 +62,44 @@ def smollm2_dir():
         return prepare_model()
     except ConfigError as err:
         pytest.skip(str(err))
+@pytest.fixture
+def hf_datasets(tmp_path, monkeypatch):
+    """The datasets library, its cache in tmp_path (reading parquet/arrow files writes there)."""
+    lib = pytest.importorskip("datasets")
+    monkeypatch.setattr(lib.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    return lib
+
+
+def cache_hub_dataset(datasets, repo_id: str, splits: dict, tmp_path: Path) -> None:
+    """Leave in the datasets cache what `datasets.load_dataset(repo_id)` leaves after a download
+    (Arrow files + dataset_info.json under owner___name/default/0.0.0/<hash>/), without the hub."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(tmp_path / f"{split}.parquet")
+        datasets.Dataset.from_list(rows).to_parquet(files[split])
+    name = repo_id.split("/")[1]
+    staging = tmp_path / "staging"
+    Parquet(cache_dir=str(staging), dataset_name=name, data_files=files, hash="0123abcd").download_and_prepare()
+    built = next(staging.glob(f"{name}/*/0.0.0/0123abcd"))
+    target = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___") / "default" / "0.0.0"
+    target.mkdir(parents=True)
+    shutil.move(str(built), str(target / "0123abcd"))
+
+
+def crash_at_step(trainer, step: int, monkeypatch) -> None:
+    """`trainer.fit()` until it is about to train step `step + 1`, then a crash (as a killed run)."""
+    from spinlm.algorithms.spin import SPINTrainer
+
+    real_step = SPINTrainer.train_single_step
+
+    def crash(self, batch):
+        if self.step == step:
+            raise RuntimeError("simulated crash")
+        return real_step(self, batch)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SPINTrainer, "train_single_step", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            trainer.fit()

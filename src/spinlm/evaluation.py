@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,11 @@ from torch import nn
 
 from spinlm.algorithms.sharded import answer_nll_sharded
 from spinlm.data.answers import extract_answer
-from spinlm.data.chat import read_chat_jsonl
+from spinlm.data.chat import Conversation
 from spinlm.data.dataset import fit_to_length
 from spinlm.data.render import ChatRenderer
-from spinlm.errors import ConfigError, DataError
+from spinlm.data.sources import DataSource, read_conversations
+from spinlm.errors import ConfigError
 from spinlm.model import parallel
 from spinlm.model.generation import DecoderBackend, SamplingParams
 from spinlm.utils.checkpoint import atomic_write_text
@@ -85,14 +86,16 @@ class EvalResult:
 
 
 def load_eval_items(
-    path: str | Path, renderer: ChatRenderer, max_seq_length: int, max_new_tokens: int, limit: int | None = None
+    data: DataSource | str | Path | Sequence[Conversation], renderer: ChatRenderer, max_seq_length: int,
+    max_new_tokens: int, limit: int | None = None,
 ) -> list[EvalItem]:
-    """The first `limit` conversations of a chat JSONL file, rendered; long prompts keep their end."""
+    """The first `limit` conversations of a source (`sources.read_conversations`) or of conversations
+    already read, rendered; long prompts keep their end."""
     if max_new_tokens >= max_seq_length:
         raise ConfigError(f"eval: max_new_tokens ({max_new_tokens}) must be below max_seq_length ({max_seq_length})")
+    conversations = read_conversations(data)[:limit]
     items = []
-    for conv in read_chat_jsonl(path)[:limit]:
-        prompt, answer = renderer.render(conv)
+    for conv, prompt, answer in zip(conversations, *renderer.render_batch(conversations)):
         fitted = fit_to_length(prompt, answer, max_seq_length, max_seq_length - max_new_tokens, "truncate")
         if fitted is None:
             continue
@@ -168,16 +171,16 @@ class HeldOutEvaluator:
         self.max_new_tokens, self.batch_size, self.out_dir = max_new_tokens, batch_size, Path(out_dir)
 
     @classmethod
-    def from_config(cls, cfg: Any, tokenizer: Any, renderer: ChatRenderer) -> HeldOutEvaluator | None:
-        """The evaluator of `model.data.test_ds` (None when its file_path is null); reads the file now,
-        so a bad file fails before the weights load."""
+    def from_config(cls, cfg: Any, tokenizer: Any, renderer: ChatRenderer,
+                    data: Any = None) -> HeldOutEvaluator | None:
+        """The evaluator of `model.data.test_ds` (None when its file_path is null and no in-memory `data`
+        is given); reads the data now, so a bad record fails before the weights load."""
         test = cfg.model.data.test_ds
-        if test.file_path is None:
+        if test.file_path is None and data is None:
             return None
-        if not Path(test.file_path).is_file():
-            raise DataError(f"{test.file_path}:0: file not found (model.data.test_ds.file_path)")
         spin = cfg.trainer.spin
-        items = load_eval_items(test.file_path, renderer, test.max_seq_length, spin.eval_max_new_tokens)
+        source = DataSource.from_config(test, "model.data.test_ds", data)
+        items = load_eval_items(source, renderer, test.max_seq_length, spin.eval_max_new_tokens)
         end_strings = list(dict.fromkeys(list(cfg.model.spin.sampling_params.end_strings) + renderer.end_strings))
         out_dir = Path(cfg.exp_manager.explicit_log_dir) / "eval"
         return cls(items, tokenizer, end_strings, spin.eval_max_new_tokens, spin.eval_batch_size, out_dir)

@@ -8,29 +8,42 @@
      length limits (from the model's config, read without its weights);
   4. the step counts (enough samples for one global batch, valid intervals) and the lr schedule
      resolved against them (`schedule.LRSchedule`).
-It writes nothing; a problem raises `ConfigError` / `DataError` naming the key or `file:line`, which
-the CLI prints as one line (exit code 2).
+It writes nothing to the run directory (only the token cache, see `spinlm.data.tokenize`); a problem
+raises `ConfigError` / `DataError` naming the key, `file:line` or row and column, which the CLI prints
+as one line (exit code 2).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from spinlm.config import resolve_interval, validate
-from spinlm.data.dataset import SPINDataset, build_dataset, subsample
+from spinlm.config import cache_dir, resolve_interval, validate
+from spinlm.data.dataset import SPINDataset, Tokenizing, build_dataset, subsample
 from spinlm.data.render import ChatRenderer
-from spinlm.errors import ConfigError, DataError
+from spinlm.data.sources import DataSource, check_source
+from spinlm.errors import ConfigError
 from spinlm.model.loading import context_length, load_model_config, load_tokenizer
 from spinlm.schedule import LRSchedule, count_steps
 from spinlm.utils.checkpoint import Checkpointer
+from spinlm.utils.distributed import info
 from spinlm.utils.rundir import refuse_links_out
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class InMemory:
+    """Objects the Python API hands over instead of paths: a model, its tokenizer, and data per
+    `model.data` section (train_ds / validation_ds / test_ds: a datasets.Dataset or a list)."""
+
+    model: Any = None
+    tokenizer: Any = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,22 +56,26 @@ class Prepared:
     val: SPINDataset
 
 
-def prepare(cfg: DictConfig, world_size: int = 1, turn_masks: bool = False) -> Prepared:
+def prepare(cfg: DictConfig, world_size: int = 1, inputs: InMemory | None = None,
+            turn_masks: bool = False) -> Prepared:
     """Check the config, paths, run directory and data; resolve the config's computed values in place.
 
+    `inputs`: a model, tokenizer and data held in memory (the Python API), used instead of what
+    pretrained_checkpoint.restore_from_path and model.data.*.file_path name.
     `turn_masks`: the training samples also mark their prompts' earlier answers (SFT on every turn)."""
+    inputs = inputs or InMemory()
     validate(cfg, world_size)
-    check_paths(cfg)
+    check_paths(cfg, inputs)
     check_run_dir(cfg)
     model_path, trust = cfg.pretrained_checkpoint.restore_from_path, cfg.pretrained_checkpoint.trust_remote_code
-    tokenizer = load_tokenizer(model_path, trust)
-    context = context_length(load_model_config(model_path, trust))
+    tokenizer = inputs.tokenizer if inputs.tokenizer is not None else load_tokenizer(model_path, trust)
+    context = context_length(inputs.model if inputs.model is not None else load_model_config(model_path, trust))
     if cfg.model.encoder_seq_length is None:
         cfg.model.encoder_seq_length = context
     OmegaConf.resolve(cfg)
 
     renderer = ChatRenderer(tokenizer, cfg.model.data.chat_prompt_tokens)
-    datasets = {key: _dataset(cfg, key, renderer, context, turn_masks and key == "train_ds")
+    datasets = {key: _dataset(cfg, key, renderer, context, inputs, turn_masks and key == "train_ds")
                 for key in ("train_ds", "validation_ds")}
     train = datasets["train_ds"]
     if cfg.model.data.sample:
@@ -72,17 +89,22 @@ def prepare(cfg: DictConfig, world_size: int = 1, turn_masks: bool = False) -> P
     return Prepared(tokenizer, renderer, train, datasets["validation_ds"])
 
 
-def check_paths(cfg: DictConfig) -> None:
-    """The data files and the model exist (a typo fails here, not after the model has loaded)."""
-    for key in ("train_ds", "validation_ds"):
-        path = Path(cfg.model.data[key].file_path)
-        if path.is_dir():
-            raise DataError(f"{path}:0: is a directory, expected a JSONL file (model.data.{key}.file_path)")
-        if not path.is_file():
-            raise DataError(f"{path}:0: file not found (model.data.{key}.file_path)")
+def check_paths(cfg: DictConfig, inputs: InMemory | None = None) -> None:
+    """The data sources and the model exist (a typo fails here, not after the model has loaded)."""
+    inputs = inputs or InMemory()
+    for key in ("train_ds", "validation_ds", "test_ds"):
+        if cfg.model.data[key].file_path is not None or key in inputs.data:
+            check_source(data_source(cfg, key, inputs))
+    if inputs.model is not None:
+        return
     model = Path(cfg.pretrained_checkpoint.restore_from_path)
     if not model.exists():
         raise ConfigError(f"config: pretrained_checkpoint.restore_from_path: {model} does not exist")
+
+
+def token_cache_dir() -> Path:
+    """Where tokenized data is cached: $SPINLM_CACHE/tokens (see spinlm.data.tokenize)."""
+    return cache_dir() / "tokens"
 
 
 def check_run_dir(cfg: DictConfig) -> None:
@@ -106,7 +128,13 @@ def check_run_dir(cfg: DictConfig) -> None:
         )
 
 
-def _dataset(cfg: DictConfig, key: str, renderer: ChatRenderer, context: int, turn_masks: bool) -> SPINDataset:
+def data_source(cfg: DictConfig, key: str, inputs: InMemory | None = None) -> DataSource:
+    """The source of `model.data.<key>`: its file_path, or the in-memory data given for it."""
+    return DataSource.from_config(cfg.model.data[key], f"model.data.{key}", (inputs.data if inputs else {}).get(key))
+
+
+def _dataset(cfg: DictConfig, key: str, renderer: ChatRenderer, context: int, inputs: InMemory,
+             turn_masks: bool) -> SPINDataset:
     ds_cfg = cfg.model.data[key]
     max_new = cfg.model.spin.length_params.max_length
     if ds_cfg.max_seq_length > context:
@@ -119,7 +147,14 @@ def _dataset(cfg: DictConfig, key: str, renderer: ChatRenderer, context: int, tu
             f"config: model.spin.length_params.max_length ({max_new}) must be below "
             f"model.data.{key}.max_seq_length ({ds_cfg.max_seq_length}) to leave room for the prompt"
         )
+    tokenizing = Tokenizing(
+        workers=cfg.model.data.tokenizer_workers,
+        cache_dir=token_cache_dir() if cfg.model.data.token_cache else None,
+        with_generated=key == "train_ds" and bool(cfg.model.spin.first_opponent_from_data),
+        show_progress=info().is_main, processes_per_node=info().local_world_size,
+    )
     return build_dataset(
-        ds_cfg.file_path, renderer, ds_cfg.max_seq_length, ds_cfg.max_seq_length - max_new,
+        data_source(cfg, key, inputs), renderer, ds_cfg.max_seq_length, ds_cfg.max_seq_length - max_new,
         policy=cfg.model.data.length_policy, skip_bad=bool(cfg.model.data.skip_bad_records), turn_masks=turn_masks,
+        tokenizing=tokenizing,
     )

@@ -20,9 +20,9 @@ from spinlm.model import parallel
 from spinlm.model.backends import make_backend, resolve_backend
 from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.kernels import cpu_vendor, resolve_cpu_linear_kernel
-from spinlm.model.loading import load_model
+from spinlm.model.loading import adopt_model, load_model
 from spinlm.model.reference import ReferencePolicy
-from spinlm.preflight import prepare
+from spinlm.preflight import InMemory, prepare
 from spinlm.report import iteration_rows, read_metrics, write_report
 from spinlm.schedule import LRSchedule, build_scheduler, count_steps
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
@@ -96,17 +96,22 @@ def warn_unused_keys(cfg: DictConfig, policy: torch.nn.Module, backend: str) -> 
                     cfg.exp_manager.explicit_log_dir)
 
 
-def build_trainer(cfg: DictConfig, sft: bool = False) -> SPINTrainer:
+def build_trainer(cfg: DictConfig, sft: bool = False, inputs: InMemory | None = None) -> SPINTrainer:
     """Everything `fit` needs, resumed from the run directory's latest checkpoint when asked.
 
-    `sft`: plain supervised fine-tuning (`SFTTrainer`: no reference policy) instead of SPIN."""
+    `sft`: plain supervised fine-tuning (`SFTTrainer`: no reference policy) instead of SPIN.
+    `inputs`: a model, tokenizer and data already in memory (`spinlm.api.spin`) instead of the paths
+    the config names; the model is trained in place."""
+    inputs = inputs or InMemory()
     launch = init_distributed(cfg.trainer.accelerator)  # torchrun's process group; world size 1 without it
     device = pick_device(cfg.trainer.accelerator, launch.local_rank)
     # config, paths and data checked before the weights load
-    prep = prepare(cfg, launch.world_size, turn_masks=sft and cfg.model.sft.loss_turns == "all")
+    prep = prepare(cfg, launch.world_size, inputs, turn_masks=sft and cfg.model.sft.loss_turns == "all")
     check_num_nodes(cfg, launch.num_nodes)
     backend = resolve_backend(cfg.model.spin.generation_backend, device)  # a missing engine fails before loading
     strategy = parallel.resolve_strategy(cfg.trainer.strategy, launch.world_size)
+    # the held-out data is read before anything is written: a bad record leaves no run directory
+    evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer, inputs.data.get("test_ds"))
     run_dir = Path(cfg.exp_manager.explicit_log_dir)
     ckpt = cfg.exp_manager.checkpoint_callback_params
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=ckpt.save_top_k, monitor=ckpt.monitor, mode=ckpt.mode)
@@ -115,7 +120,6 @@ def build_trainer(cfg: DictConfig, sft: bool = False) -> SPINTrainer:
     trackers = build_trackers(cfg, run_dir, resuming=resume is not None) if launch.is_main else []
     logger = RunLogger(run_dir, tensorboard=cfg.exp_manager.create_tensorboard_logger, active=launch.is_main,
                        sinks=trackers)
-    evaluator = HeldOutEvaluator.from_config(cfg, prep.tokenizer, prep.renderer)
     # rank 0 decides the kernel (it changes float rounding) and every rank uses its choice
     recorded = resume[1][1].get("cpu_linear_kernel") if resume is not None else None
     kernel, why = broadcast_from_main(
@@ -127,8 +131,11 @@ def build_trainer(cfg: DictConfig, sft: bool = False) -> SPINTrainer:
         log.info(LRSchedule.from_config(cfg.model.optim, max_steps).summary())
 
     seed_everything(cfg.model.seed)
-    policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer, cpu_linear_kernel=kernel,
-                        trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
+    if inputs.model is None:
+        policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer, cpu_linear_kernel=kernel,
+                            trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
+    else:
+        policy = adopt_model(inputs.model, prep.tokenizer, cpu_linear_kernel=kernel)
     vocab_size = policy.get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
     warn_unused_keys(cfg, policy, backend)
     reference = None if sft else ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
@@ -183,8 +190,8 @@ def read_resume(cfg: DictConfig, checkpointer: Checkpointer) -> tuple[Path, tupl
     return found, checkpointer.load(found, {})
 
 
-def run(cfg: DictConfig, sft: bool = False) -> SPINTrainer:
-    trainer = build_trainer(cfg, sft)
+def run(cfg: DictConfig, sft: bool = False, inputs: InMemory | None = None) -> SPINTrainer:
+    trainer = build_trainer(cfg, sft, inputs)
     try:
         trainer.fit()
         if info().is_main:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import crash_at_step
 
 from spinlm.algorithms import spin as spin_module
 from spinlm.algorithms.spin import SPINTrainer
@@ -179,18 +180,7 @@ def test_resume_after_crash_matches_uninterrupted_run(cfg_factory, monkeypatch, 
     full_losses = [r["train/loss"] for r in read_metrics(reference_run.logger.run_dir) if "train/loss" in r]
 
     cfg = cfg_factory(run_name="crashy")
-    crashing = build_trainer(cfg)
-    real_step = SPINTrainer.train_single_step
-
-    def crash(self, batch):
-        if self.step == crash_after:
-            raise RuntimeError("simulated crash")
-        return real_step(self, batch)
-
-    monkeypatch.setattr(SPINTrainer, "train_single_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashing.fit()
-    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
+    crash_at_step(build_trainer(cfg), crash_after, monkeypatch)
 
     resumed = build_trainer(cfg)
     assert resumed.step == crash_after - crash_after % 2  # the last checkpoint (save_interval=2)
@@ -215,17 +205,7 @@ def test_resume_with_dropout_restores_rng(tmp_path, chat_files, monkeypatch):
     full.fit()
 
     cfg = make_cfg(tmp_path / "crashy", tmp_path / "dropout_model", chat_files)
-    real_step = SPINTrainer.train_single_step
-
-    def crash(self, batch):
-        if self.step == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, batch)
-
-    monkeypatch.setattr(SPINTrainer, "train_single_step", crash)
-    with pytest.raises(RuntimeError):
-        build_trainer(cfg).fit()
-    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
+    crash_at_step(build_trainer(cfg), 5, monkeypatch)
     resumed = build_trainer(cfg)
     resumed.fit()
     assert torch.equal(params_vector(resumed.policy), params_vector(full.policy))

@@ -24,6 +24,10 @@ class LengthRenderer:
         p, a = map(int, conv.turns[0].content.split(","))
         return list(range(p)), list(range(100, 100 + a))
 
+    def render_batch(self, convs):
+        pairs = [self.render(c) for c in convs]
+        return [p for p, _ in pairs], [a for _, a in pairs]
+
 
 def lengths_file(tmp_path: Path, *pairs: tuple[int, int]) -> Path:
     path = tmp_path / "lens.jsonl"

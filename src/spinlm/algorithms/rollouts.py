@@ -16,9 +16,24 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from spinlm.config import OPPONENT_KEY
+from spinlm.model.generation import Generations
 from spinlm.utils.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+def opponent_answers_from_data(dataset, indices: list[int], iteration: int, spin_cfg) -> Generations | None:
+    """Iteration 0's opponent answers as the data gives them (`model.spin.first_opponent_from_data`,
+    the SPIN paper's `generated` column), in place of sampling: ids cut to the generation budget and
+    flagged as truncated like a sampled answer. None when the reference must generate. They get
+    their reference log-probs, and are stored and reused, as generated ones are."""
+    if not spin_cfg.first_opponent_from_data or iteration != 0:
+        return None
+    answers = [dataset.opponent_answer(i) for i in indices]
+    log.info("iteration 0: the %d opponent answers are the training data's 'generated' answers (%s=true); "
+             "nothing is generated", len(answers), OPPONENT_KEY)
+    return Generations(ids=[ids for ids, _ in answers], truncated=[cut for _, cut in answers])
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spinlm.algorithms.pairs import PairKey, PairSets
-from spinlm.algorithms.rollouts import Rollout, RolloutStore
+from spinlm.algorithms.rollouts import Rollout, RolloutStore, opponent_answers_from_data
 from spinlm.algorithms.scoring import batch_pairs, pair_logprobs
 from spinlm.algorithms.sharded import (
     answer_nll_sharded, local_rows, rank_rng_states, reference_logprobs_sharded, set_rank_rng_state,
@@ -243,8 +243,9 @@ class SPINTrainer:
         t_sync = time.perf_counter()
         self.generator.sync_weights(self.reference.state_dict())  # an engine with its own copy: pushed in place
         t0 = time.perf_counter()
+        gens = opponent_answers_from_data(self.train_dataset, indices, iteration, self.model_cfg.spin)
         with self._autocast():  # spinlm's decoder also returns the reference's log-probs of both answers
-            gens = self.generator.generate(
+            gens = gens or self.generator.generate(
                 self.reference.module, prompts, self.sampling, show_progress=True,
                 seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
                 answers=[list(it["answer_ids"]) for it in items],

@@ -24,17 +24,32 @@ survives, `build_dataset` raises `DataError`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from spinlm.data.chat import read_chat_jsonl
+from spinlm.config import LENGTH_POLICIES, OPPONENT_KEY, resolve_limit
+from spinlm.data.chat import GENERATED_COLUMN, Conversation
 from spinlm.data.render import ChatRenderer
-from spinlm.config import LENGTH_POLICIES, resolve_limit
+from spinlm.data.sources import DataSource, read_conversations
+from spinlm.data.tokenize import default_workers, tokenize_conversations
 from spinlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tokenizing:
+    """How `build_dataset` tokenizes: see `spinlm.data.tokenize` (null workers = its default rule)."""
+
+    workers: int | None = None
+    cache_dir: Path | None = None
+    with_generated: bool = False  # keep the data's `generated` answers as opponent answers
+    show_progress: bool = True
+    processes_per_node: int = 1  # ranks on this node share its CPU cores
 
 
 @dataclass
@@ -63,23 +78,42 @@ class LengthReport:
 
 class SPINDataset(torch.utils.data.Dataset):
     """Items are dict(prompt_ids, answer_ids, index); index is the item's position here,
-    stable for the dataset's life, so generations can be matched back to their sample. Built with
+    stable for the dataset's life, so generations can be matched back to their sample.
+
+    Ids are kept as int32 arrays (views into one buffer when they come from `tokenize`) and handed
+    out as lists. A sample may also carry `generated_ids` / `generated_truncated`: an opponent answer
+    given by the data (the SPIN paper's `generated` column), see `opponent_answer`. Built with
     `turn_masks`, items also hold prompt_mask: True at the prompt's earlier assistant answers."""
 
     def __init__(self, samples: list[dict], report: LengthReport | None = None):
-        self.samples = [{**_copy(s), "index": i} for i, s in enumerate(samples)]
+        self.samples = [_stored(s, i) for i, s in enumerate(samples)]
         self.report = report
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        return {**_copy(self.samples[i]), "index": self.samples[i]["index"]}
+        s = self.samples[i]
+        item = {"prompt_ids": s["prompt_ids"].tolist(), "answer_ids": s["answer_ids"].tolist(), "index": s["index"]}
+        if "prompt_mask" in s:
+            item["prompt_mask"] = s["prompt_mask"].tolist()
+        return item
+
+    def opponent_answer(self, i: int) -> tuple[list[int], bool]:
+        """(ids, truncated) of sample i's data-given opponent answer, cut to the generation budget."""
+        s = self.samples[i]
+        return s["generated_ids"].tolist(), bool(s["generated_truncated"])
 
 
-def _copy(sample: dict) -> dict:
-    keys = ("prompt_ids", "answer_ids", "prompt_mask") if "prompt_mask" in sample else ("prompt_ids", "answer_ids")
-    return {k: list(sample[k]) for k in keys}
+def _stored(sample: dict, index: int) -> dict:
+    out = {"prompt_ids": np.asarray(sample["prompt_ids"], dtype=np.int32),
+           "answer_ids": np.asarray(sample["answer_ids"], dtype=np.int32), "index": index}
+    if "prompt_mask" in sample:
+        out["prompt_mask"] = np.asarray(sample["prompt_mask"], dtype=bool)
+    if "generated_ids" in sample:
+        out["generated_ids"] = np.asarray(sample["generated_ids"], dtype=np.int32)
+        out["generated_truncated"] = bool(sample["generated_truncated"])
+    return out
 
 
 def check_lengths(max_seq_length: int, max_prompt_length: int, policy: str) -> None:
@@ -98,8 +132,8 @@ def check_lengths(max_seq_length: int, max_prompt_length: int, policy: str) -> N
 
 
 def fit_to_length(
-    prompt: list[int], answer: list[int], max_seq_length: int, max_prompt_length: int, policy: str
-) -> tuple[list[int], list[int], bool, bool] | None:
+    prompt: Sequence[int], answer: Sequence[int], max_seq_length: int, max_prompt_length: int, policy: str
+) -> tuple[Sequence[int], Sequence[int], bool, bool] | None:
     """(prompt, answer, prompt_cut, answer_cut) under the length policy, or None if dropped."""
     prompt_cut = len(prompt) > max_prompt_length
     if prompt_cut:
@@ -108,13 +142,13 @@ def fit_to_length(
     answer_cut = len(answer) > room
     if answer_cut:
         answer = answer[:room]
-    if not answer or (policy == "drop" and (prompt_cut or answer_cut)):
+    if len(answer) == 0 or (policy == "drop" and (prompt_cut or answer_cut)):
         return None
     return prompt, answer, prompt_cut, answer_cut
 
 
 def build_dataset(
-    path: str | Path,
+    data: DataSource | str | Path | Sequence[Conversation],
     renderer: ChatRenderer,
     max_seq_length: int,
     max_prompt_length: int,
@@ -122,23 +156,33 @@ def build_dataset(
     limit: int | None = None,
     skip_bad: bool = False,
     turn_masks: bool = False,
+    tokenizing: Tokenizing | None = None,
 ) -> SPINDataset:
-    """Read, render and length-fit a chat JSONL file (the first `limit` conversations).
+    """Read (any source `sources.read_conversations` takes, or conversations already read), render
+    and length-fit the first `limit` conversations.
 
     `skip_bad` drops unusable records (counted, logged) instead of stopping at the first one;
-    `turn_masks` adds each sample's prompt_mask (`ChatRenderer.earlier_answer_mask`)."""
+    `turn_masks` adds each sample's prompt_mask (`ChatRenderer.earlier_answer_mask`).
+    `tokenizing.with_generated` also keeps each conversation's `generated` answer as its opponent
+    answer, cut to the generation budget `max_seq_length - max_prompt_length` like a sampled one."""
     check_lengths(max_seq_length, max_prompt_length, policy)
-    conversations = read_chat_jsonl(path, skip_bad=skip_bad)[:limit]
-    report = LengthReport(
-        source=str(path), policy=policy, max_seq_length=max_seq_length, max_prompt_length=max_prompt_length
-    )
+    tokenizing = tokenizing or Tokenizing()
+    source = data if isinstance(data, DataSource) else DataSource(data)
+    label = source.label
+    conversations = read_conversations(source, skip_bad=skip_bad)[:limit]
+    if tokenizing.with_generated:
+        _require_generated(conversations)
+    workers = tokenizing.workers or default_workers(len(conversations), tokenizing.processes_per_node)
+    tokens = tokenize_conversations(conversations, renderer, workers, tokenizing.cache_dir,
+                                    tokenizing.with_generated, label, tokenizing.show_progress)
+    report = LengthReport(source=label, policy=policy, max_seq_length=max_seq_length,
+                          max_prompt_length=max_prompt_length)
     samples = []
-    for conv in conversations:
+    for i, conv in enumerate(conversations):
         report.total += 1
-        prompt_ids, answer_ids = renderer.render(conv)
+        prompt_ids, answer_ids = tokens.get("prompt", i), tokens.get("answer", i)
         if policy == "error":
-            _refuse_too_long(conv.source or str(path), len(prompt_ids), len(answer_ids), max_seq_length,
-                             max_prompt_length)
+            _refuse_too_long(conv.source or label, len(prompt_ids), len(answer_ids), max_seq_length, max_prompt_length)
         fitted = fit_to_length(prompt_ids, answer_ids, max_seq_length, max_prompt_length, policy)
         if fitted is None:
             report.dropped += 1
@@ -147,13 +191,25 @@ def build_dataset(
         report.kept += 1
         report.prompt_truncated += prompt_cut
         report.answer_truncated += answer_cut
-        samples.append({"prompt_ids": prompt, "answer_ids": answer})
+        sample = {"prompt_ids": prompt, "answer_ids": answer}
         if turn_masks:  # a cut prompt keeps its end: so does its mask
-            samples[-1]["prompt_mask"] = renderer.earlier_answer_mask(conv)[len(prompt_ids) - len(prompt):]
+            sample["prompt_mask"] = renderer.earlier_answer_mask(conv)[len(prompt_ids) - len(prompt):]
+        generated = tokens.get("generated", i)
+        if generated is not None:
+            budget = max_seq_length - max_prompt_length
+            sample.update(generated_ids=generated[:budget], generated_truncated=len(generated) > budget)
+        samples.append(sample)
     log.info(report.summary())
     if not samples:
-        raise DataError(f"{path}:0: no sample survives the length policy ({report.summary()})")
+        raise DataError(f"{label}:0: no sample survives the length policy ({report.summary()})")
     return SPINDataset(samples, report)
+
+
+def _require_generated(conversations: list[Conversation]) -> None:
+    missing = next((c for c in conversations if c.generated is None), None)
+    if missing is not None:
+        raise DataError(f"{missing.source}: no '{GENERATED_COLUMN}' answer (SPIN paper format), but "
+                        f"{OPPONENT_KEY}=true takes iteration 0's opponent answers from it")
 
 
 def _refuse_too_long(where: str, prompt: int, answer: int, max_seq_length: int, max_prompt_length: int) -> None:

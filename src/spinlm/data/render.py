@@ -17,7 +17,11 @@ Two modes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from spinlm.data.chat import Conversation, Turn
@@ -67,6 +71,7 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, chat_prompt_tokens: Mapping[str, str] | None = None):
         self.tokenizer = tokenizer
         self.chat_prompt_tokens = _check_prompt_tokens(chat_prompt_tokens)
+        self._fingerprint: str | None = None
         self._end_strings = self._detect_end_strings()
 
     @property
@@ -106,9 +111,48 @@ class ChatRenderer:
             raise ConfigError("config: model.sft.loss_turns=all needs a fast (Rust) tokenizer for token offsets")
         enc = self.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
         return [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    def render_batch(self, convs: Sequence[Conversation]) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt ids, answer ids) of many conversations: the same ids as `render`, with one batched
+        tokenizer call for the prompts and one for the answers (a fast tokenizer runs them in Rust)."""
+        texts = [self.render_text(conv) for conv in convs]
+        return self.encode_batch([p for p, _ in texts]), self.encode_batch([a for _, a in texts])
+
+    def fingerprint(self) -> str | None:
+        """A digest of everything that decides the token ids `render` gives: the tokenizer (its full
+        serialisation, template and special tokens), the NeMo prompt tokens and this module's code.
+        None for a tokenizer without a serialisable fast backend: nothing can be cached for it."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        import tokenizers
+        import transformers
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        template = self.tokenizer.chat_template or ""
+        parts = [
+            type(self.tokenizer).__name__, backend.to_str(), json.dumps(template, sort_keys=True),
+            json.dumps(self.tokenizer.special_tokens_map, sort_keys=True, default=str),
+            json.dumps(self.chat_prompt_tokens, sort_keys=True), Path(__file__).read_text(encoding="utf-8"),
+            transformers.__version__, tokenizers.__version__,  # apply_chat_template and the encoder themselves
+            # templates that print today's date render differently tomorrow
+            time.strftime("%Y-%m-%d") if "strftime_now" in template else "",
+        ]
+        digest = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            data = part.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little") + data)
+        self._fingerprint = digest.hexdigest()  # the tokenizer is not changed during a run
+        return self._fingerprint
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, as `render` tokenizes (no special tokens added)."""
+        if not texts:
+            return []
+        return list(self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"])
 
     def _template_texts(self, conv: Conversation) -> tuple[str, str]:
         messages = conversation_to_messages(conv)

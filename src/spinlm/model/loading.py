@@ -70,6 +70,17 @@ def load_model(
     """
     model = _from_pretrained(AutoModelForCausalLM, path, "a causal LM", trust_remote_code, dtype=torch_dtype,
                              weights_only=True)
+    return adopt_model(model, tokenizer, torch_dtype, cpu_linear_kernel)
+
+
+def adopt_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32,
+    cpu_linear_kernel: str = "auto",
+) -> PreTrainedModel:
+    """What `load_model` does to weights it loaded, for a model already in memory (the Python API):
+    floating weights in `torch_dtype` (in place), a pad token, the CPU linear kernel."""
+    if any(p.is_floating_point() and p.dtype != torch_dtype for p in model.parameters()):
+        model.to(torch_dtype)
     _drop_gguf_quantizer(model)
     _ensure_pad_token(model, tokenizer)
     use_onednn_linears(model, cpu_linear_kernel)
