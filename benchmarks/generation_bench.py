@@ -53,7 +53,7 @@ def run_child(backend: str, spec: dict) -> dict:
         generator._engine()
         out["startup_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        generator.sync_weights(model.state_dict())
+        generator.sync_weights(model.state_dict)
         out["weight_sync_s"] = time.perf_counter() - t0
     else:
         generator = (DecoderBackend if backend == "spinlm" else HFGenerateBackend)(tokenizer, w["gen_batch"])

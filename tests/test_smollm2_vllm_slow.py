@@ -31,7 +31,7 @@ def test_greedy_fp32_answers_match_spinlm_decoder_on_32_held_out_prompts(smollm2
                               enforce_eager=True, max_num_seqs=32, kv_cache_bytes=1 << 29, sleep=False, seed=0)
     engine = VLLMBackend(tokenizer, model, settings)
     try:
-        engine.sync_weights(model.state_dict())  # the engine started with random (dummy) weights
+        engine.sync_weights(model.state_dict)  # the engine started with random (dummy) weights
         ours = engine.generate(model, prompts, params)
     finally:
         engine.close()

@@ -66,6 +66,15 @@ def test_make_backend_builds_the_decoders(cfg_factory, tokenizer):
     assert isinstance(backend, DecoderBackend) and backend.batch_size == cfg.model.spin.rollout_micro_batch_size
 
 
+def test_backends_on_the_model_itself_never_ask_for_the_weights(tokenizer):
+    """Under torchrun `reference.state_dict()` is a gather: only an engine with its own copy calls it."""
+    def weights():
+        raise AssertionError("weights asked for")
+
+    for backend in (DecoderBackend(tokenizer), HFGenerateBackend(tokenizer)):
+        backend.sync_weights(weights)
+
+
 def _rollouts(cfg) -> list[dict]:
     path = Path(cfg.exp_manager.explicit_log_dir) / "rollouts" / "iter_0.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]

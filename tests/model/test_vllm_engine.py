@@ -63,14 +63,14 @@ def test_an_unsupported_model_is_one_error_naming_the_key(tokenizer):
     backend = VLLMBackend(tokenizer, unsupported, SETTINGS)
     with pytest.raises(ConfigError, match=r"model\.spin\.generation_backend=vllm: .*use model\.spin\."
                                           r"generation_backend=spinlm"):
-        backend.sync_weights(unsupported.state_dict())
+        backend.sync_weights(unsupported.state_dict)
     assert backend.llm is None and backend.model_dir is None
 
 
 @pytest.fixture(scope="module")
 def engine(tokenizer, model):
     backend = VLLMBackend(tokenizer, model, SETTINGS)
-    backend.sync_weights(model.state_dict())
+    backend.sync_weights(model.state_dict)
     yield backend
     backend.close()
 
@@ -104,10 +104,10 @@ def test_pushing_changed_weights_changes_the_answers_to_the_new_weights(engine, 
     before = engine.generate(model, prompts, params)
     other = vllm_tiny_model(tokenizer, seed=1)
     try:
-        engine.sync_weights(other.state_dict())
+        engine.sync_weights(other.state_dict)
         after = engine.generate(other, prompts, params)
     finally:
-        engine.sync_weights(model.state_dict())
+        engine.sync_weights(model.state_dict)
     assert _same(after.ids, before.ids) < len(prompts) // 2
     expected = DecoderBackend(tokenizer, 8).generate(other, prompts, params)
     assert _same(after.ids, expected.ids) >= 0.95 * len(prompts)

@@ -241,7 +241,7 @@ class SPINTrainer:
         prompts = [list(it["prompt_ids"]) for it in items]
 
         t_sync = time.perf_counter()
-        self.generator.sync_weights(self.reference.state_dict())  # an engine with its own copy: pushed in place
+        self.generator.sync_weights(self.reference.state_dict)  # an engine with its own copy: pushed in place
         t0 = time.perf_counter()
         gens = opponent_answers_from_data(self.train_dataset, indices, iteration, self.model_cfg.spin)
         with self._autocast():  # spinlm's decoder also returns the reference's log-probs of both answers

@@ -16,7 +16,7 @@ sampled ids, cut after the stop token (`StopRule`), with nothing appended to a t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -71,13 +71,14 @@ class GenerationBackend:
     `generate` answers every prompt (all ranks call it together and all get every answer).
     An engine that keeps its own copy of the weights takes the reference's by `sync_weights`,
     which the trainer calls before each generation; the backends that decode with `module`
-    itself ignore it.
+    itself ignore it (and never ask for the weights: under torchrun that is a gather).
     """
 
     name = "base"
 
-    def sync_weights(self, weights: Mapping[str, Tensor]) -> None:
-        """Take these weights (plain Hugging Face names) for the next generation; no-op here."""
+    def sync_weights(self, weights: Callable[[], Mapping[str, Tensor]]) -> None:
+        """Take the weights `weights()` gives (plain Hugging Face names, e.g. `reference.state_dict`)
+        for the next generation; not called here."""
 
     def generate(
         self, module: nn.Module, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,

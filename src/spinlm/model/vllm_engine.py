@@ -3,11 +3,11 @@
 Each rank (or each group of `tensor_parallel_size` consecutive torchrun ranks) runs its own engine,
 inside the training process, on its share of the prompts; every rank then gets every answer. The
 engine starts once, from the model's config and tokenizer only (``load_format="dummy"``: no
-checkpoint is read). Before each generation the trainer calls `sync_weights` with the reference's
-weights: they are loaded in place through the engine's ``reload_weights`` (no disk round trip)
-and the prefix cache is cleared. On GPUs the engine sleeps (frees its weights and KV cache) after
-each generation and wakes for the next push. The reference log-probs still come from the
-training stack, so the loss stays exact.
+checkpoint is read). Before each generation the trainer hands `sync_weights` the reference's
+weights (`reference.state_dict`, called only by this backend): they are loaded in place through
+the engine's ``reload_weights`` (no disk round trip) and the prefix cache is cleared. On GPUs the
+engine sleeps (frees its weights and KV cache) after each generation and wakes for the next push.
+The reference log-probs still come from the training stack, so the loss stays exact.
 
 Every sampling field is set explicitly (`sampling_params`), prompts are the training prompt ids,
 each prompt is sampled from its own seed (its answer does not depend on batching or on the world
@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,8 +121,8 @@ class VLLMBackend(GenerationBackend):
         self.asleep = False
 
     # ----- weights ---------------------------------------------------------------------------
-    def sync_weights(self, weights: Mapping[str, Tensor]) -> None:
-        """Load `weights` (plain Hugging Face names, e.g. `reference.state_dict()`) into the engine in place.
+    def sync_weights(self, weights: Callable[[], Mapping[str, Tensor]]) -> None:
+        """Load `weights()` (plain Hugging Face names, e.g. `reference.state_dict`) into the engine in place.
 
         The engine reads them one tensor at a time: FSDP2 shards are all-gathered, plain tensors are
         broadcast from rank 0 (a collective: every rank pushes, in the same order). The prefix cache
@@ -133,7 +133,7 @@ class VLLMBackend(GenerationBackend):
             torch.cuda.empty_cache()
             llm.wake_up(tags=["weights"])
         with _process_state_kept():
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_tensors(weights),
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _full_tensors(weights()),
                                                          "is_checkpoint_format": True})
         llm.reset_prefix_cache()
         self.has_weights = True
