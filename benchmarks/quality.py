@@ -1,6 +1,6 @@
 """Does SPIN beat SFT? The quality study: SmolLM2-135M-Instruct, the bundled task, CPU.
 
-    python benchmarks/quality.py            # the study (~40 min on 2 idle cores): runs/quality/, then
+    python benchmarks/quality.py            # the study (hours on 2 busy cores; resumable): runs/quality/, then
                                             # benchmarks/quality.{md,json,png}
     python benchmarks/quality.py --report   # rebuild the table, plot and JSON from the finished runs
     python benchmarks/quality.py --deadline 02:30   # stop (resumably) at 02:30 and report what finished
@@ -323,8 +323,10 @@ def tables(results: dict, plan: Plan) -> tuple[str, dict]:
             spin_s, spin_acc, sft_acc, sft_steps, ran_out = [], [], [], [], False
             for seed, r in arms_[n].items():
                 p = at(r, it)
-                if p is None or seed not in sft or not sft[seed]["finished"]:
+                if p is None or seed not in sft:
                     continue
+                if not sft[seed]["finished"] and sft[seed]["points"][-1]["train_seconds"] < p["train_seconds"]:
+                    continue  # stopped before SPIN's seconds: no equal-time point
                 within = [q for q in sft[seed]["points"] if q["train_seconds"] <= p["train_seconds"]]
                 spin_s.append(p["train_seconds"])
                 spin_acc.append(p["accuracy"])
@@ -360,6 +362,7 @@ def targets(results: dict, spin_names: list[str], plan: Plan) -> dict:
              for a, b in zip(r["points"], r["points"][1:]) if a["accuracy"] - b["accuracy"] > 0.02]
     return {
         "best_arm": best,
+        "seeds": len([r for r in arms_[best].values() if at(r, named[-1])]),
         "beats_sft_by_3_points_at_iterations_2_and_3": {
             "met": all(m is not None and m >= 3 for m in margin.values()), "margin_points": margin},
         "rises_every_iteration_through_3": {
