@@ -52,6 +52,8 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
     "model.data.tokenizer_workers": (int,),
     **{f"model.data.{ds}.{key}": (str,) for ds in ("train_ds", "validation_ds", "test_ds")
        for key in ("split", "conversation_column")},
+    "model.peft.lora_tuning.alpha": (int, float),
+    "model.peft.lora_tuning.target_modules": (list, str),  # a single name is a list of one
 }
 
 
@@ -308,6 +310,7 @@ SCHEDULERS = ("CosineAnnealing", "Constant")
 MONITORS = {"val_loss": "min", "eval_sft_loss": "min", "eval_accuracy": "max", "eval_answer_style": "max"}
 GENERATION_BACKENDS = ("auto", "spinlm", "hf", "vllm")  # model.spin.generation_backend
 SFT_LOSS_TURNS = ("final", "all")  # model.sft.loss_turns
+PEFT_SCHEMES = ("none", "lora")  # model.peft.peft_scheme
 
 
 def check_num_nodes(cfg: DictConfig, launched_nodes: int) -> None:
@@ -387,6 +390,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     validate_pair_sets(cfg)
     validate_sft(cfg)
     validate_data(cfg)
+    validate_peft(cfg)
 
 
 def validate_sft(cfg: DictConfig) -> None:
@@ -463,3 +467,30 @@ def validate_data(cfg: DictConfig) -> None:
             value = cfg.model.data[key][name]
             if value is not None and not str(value).strip():
                 raise ConfigError(f"config: model.data.{key}.{name} is empty; set a name or null")
+
+
+def lora_targets(lora_tuning: DictConfig) -> list[str]:
+    """model.peft.lora_tuning.target_modules as a list (a single name on the command line is a list of one)."""
+    targets = lora_tuning.target_modules
+    return [targets] if isinstance(targets, str) else list(targets)
+
+
+def validate_peft(cfg: DictConfig) -> None:
+    """model.peft.*: the scheme, and under lora the adapter's rank, scaling, dropout and targets (whether the
+    targets exist in the model is checked once its config is read: `spinlm.model.lora.resolve_targets`)."""
+    peft = cfg.model.peft
+    if peft.peft_scheme not in PEFT_SCHEMES:
+        raise ConfigError(f"config: model.peft.peft_scheme must be one of {PEFT_SCHEMES}, got {peft.peft_scheme!r}")
+    if peft.peft_scheme != "lora":
+        return
+    lora = peft.lora_tuning
+    key = "model.peft.lora_tuning"
+    if not lora.adapter_dim >= 1:
+        raise ConfigError(f"config: {key}.adapter_dim (the LoRA rank) must be >= 1, got {lora.adapter_dim}")
+    if not lora.alpha > 0:
+        raise ConfigError(f"config: {key}.alpha must be > 0, got {lora.alpha}")
+    if not 0.0 <= lora.adapter_dropout < 1.0:
+        raise ConfigError(f"config: {key}.adapter_dropout must be in [0, 1), got {lora.adapter_dropout}")
+    targets = lora_targets(lora)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"config: {key}.target_modules must name at least one module, got {targets}")
