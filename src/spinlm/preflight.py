@@ -1,7 +1,8 @@
 """Every check that can run before the weights load: a bad run fails in seconds, not after an hour.
 
 `prepare(cfg)` checks, in order:
-  1. the config (`config.validate`: impossible values, types, batch sizes, KL schedule, max_time);
+  1. the config (`config.validate`: impossible values, types, batch sizes, KL schedule, max_time,
+     LoRA settings); LoRA's target modules against the model's config (`lora.check_targets`);
   2. the paths it names (data files, the model) and the run directory (an existing checkpoint with
      `exp_manager.resume_if_exists=false` is an error, not an overwrite; no link may lead out of it);
   3. the data: every record is read, rendered with the model's tokenizer and held against the
@@ -27,7 +28,8 @@ from spinlm.data.dataset import SPINDataset, Tokenizing, build_dataset, subsampl
 from spinlm.data.render import ChatRenderer
 from spinlm.data.sources import DataSource, check_source
 from spinlm.errors import ConfigError
-from spinlm.model.loading import context_length, load_model_config, load_tokenizer
+from spinlm.model.loading import context_length, load_model_config, load_tokenizer, unwrap
+from spinlm.model.lora import LoraSettings, check_targets
 from spinlm.schedule import LRSchedule, count_steps
 from spinlm.utils.checkpoint import Checkpointer
 from spinlm.utils.distributed import info
@@ -69,7 +71,11 @@ def prepare(cfg: DictConfig, world_size: int = 1, inputs: InMemory | None = None
     check_run_dir(cfg)
     model_path, trust = cfg.pretrained_checkpoint.restore_from_path, cfg.pretrained_checkpoint.trust_remote_code
     tokenizer = inputs.tokenizer if inputs.tokenizer is not None else load_tokenizer(model_path, trust)
-    context = context_length(inputs.model if inputs.model is not None else load_model_config(model_path, trust))
+    model_config = load_model_config(model_path, trust) if inputs.model is None else unwrap(inputs.model).config
+    context = context_length(model_config)
+    lora_settings = LoraSettings.from_config(cfg.model)
+    if lora_settings is not None:
+        check_targets(model_config, lora_settings, trust)  # on the meta device: no weights read
     if cfg.model.encoder_seq_length is None:
         cfg.model.encoder_seq_length = context
     OmegaConf.resolve(cfg)

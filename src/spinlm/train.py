@@ -18,10 +18,10 @@ from spinlm.errors import CheckpointError, ConfigError
 from spinlm.evaluation import HeldOutEvaluator
 from spinlm.model import parallel
 from spinlm.model.backends import make_backend, resolve_backend
+from spinlm.model.build import build_models
 from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.kernels import cpu_vendor, resolve_cpu_linear_kernel
-from spinlm.model.loading import adopt_model, load_model
-from spinlm.model.reference import ReferencePolicy
+from spinlm.model.loading import load_model_skeleton, unwrap
 from spinlm.preflight import InMemory, prepare
 from spinlm.report import iteration_rows, read_metrics, write_report
 from spinlm.schedule import LRSchedule, build_scheduler, count_steps
@@ -131,18 +131,16 @@ def build_trainer(cfg: DictConfig, sft: bool = False, inputs: InMemory | None = 
         log.info(LRSchedule.from_config(cfg.model.optim, max_steps).summary())
 
     seed_everything(cfg.model.seed)
-    if inputs.model is None:
-        policy = load_model(cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer, cpu_linear_kernel=kernel,
-                            trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
-    else:
-        policy = adopt_model(inputs.model, prep.tokenizer, cpu_linear_kernel=kernel)
-    vocab_size = policy.get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
-    warn_unused_keys(cfg, policy, backend)
-    reference = None if sft else ReferencePolicy(policy)  # copied on the CPU, then placed (sharded) like the policy
-    generator = make_backend(cfg, prep.tokenizer, policy, device)
-    policy = parallel.wrap_policy(policy, strategy, device)
-    if reference is not None:
-        reference.module = parallel.place_reference(reference.module, strategy, device)
+    # rank 0 reads the weights (or every rank holds them: a model in memory)
+    policy, reference = build_models(cfg, prep.tokenizer, strategy, device, kernel, inputs.model,
+                                     with_reference=not sft)
+    vocab_size = unwrap(policy).get_input_embeddings().num_embeddings  # bounds the token ids of stored rollouts
+    warn_unused_keys(cfg, unwrap(policy), backend)
+    # an engine takes its architecture from the model as loaded (on the meta device: no weights, no adapters)
+    architecture = inputs.model if inputs.model is not None else load_model_skeleton(
+        cfg.pretrained_checkpoint.restore_from_path, prep.tokenizer,
+        trust_remote_code=cfg.pretrained_checkpoint.trust_remote_code)
+    generator = make_backend(cfg, prep.tokenizer, architecture, device)
     if launch.rank > 0:
         torch.manual_seed(cfg.model.seed + 1_000_003 * launch.rank)  # own dropout stream; rank 0 as 1 process
     if launch.is_distributed:

@@ -8,6 +8,7 @@ reference's ("generated") one; at the end of the iteration the reference becomes
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Any, Callable, Iterator
@@ -28,7 +29,7 @@ from spinlm.data.collate import spin_custom_collate
 from spinlm.data.dataset import validation_batches
 from spinlm.errors import TrainingError  # noqa: F401 (re-exported)
 from spinlm.loss import reward_metrics, spin_loss
-from spinlm.model import parallel
+from spinlm.model import lora, parallel
 from spinlm.model.generation import GenerationBackend, SamplingParams
 from spinlm.model.kernels import linear_kernel_in_use
 from spinlm.model.loading import export_hf
@@ -68,7 +69,8 @@ class SPINTrainer:
       - a NaN/inf loss or gradient stops the run before the optimizer step (or skips the step,
         `trainer.spin.skip_non_finite_steps`); an out-of-memory error names the sizes and keys.
       - one process, or torchrun ranks with DDP or FSDP2 (`spinlm.algorithms.sharded` splits the
-        work; results match one process); rank 0 alone writes files and logs.
+        work; results match one process); rank 0 alone writes files and logs;
+      - LoRA (`model.peft`): the reference is the policy with its adapters off, merged at iteration ends.
     Assumes: chat data rendered by `spinlm.data`, right-padded batches.
     """
 
@@ -170,7 +172,7 @@ class SPINTrainer:
                         self.consumed_samples += self.global_batch_size
                         if self.schedule.is_iteration_end(self.step) and self.reference is not None:
                             # before any save at this boundary, so a resume trains against the new opponent
-                            self.reference.refresh_from(self.policy)
+                            self.reference.refresh_from(self.policy, self.optimizer)
                         self._log_step(metrics, batch)
                         if self.schedule.is_iteration_end(self.step):
                             self.evaluate_held_out()
@@ -244,9 +246,9 @@ class SPINTrainer:
         self.generator.sync_weights(self.reference.state_dict)  # an engine with its own copy: pushed in place
         t0 = time.perf_counter()
         gens = opponent_answers_from_data(self.train_dataset, indices, iteration, self.model_cfg.spin)
-        with self._autocast():  # spinlm's decoder also returns the reference's log-probs of both answers
+        with self._autocast(), self.reference.active() as reference:  # spinlm's decoder also scores both answers
             gens = gens or self.generator.generate(
-                self.reference.module, prompts, self.sampling, show_progress=True,
+                reference, prompts, self.sampling, show_progress=True,
                 seed=self.model_cfg.seed + 104729 * (iteration + 1) + (epoch if per_epoch else 0),
                 answers=[list(it["answer_ids"]) for it in items],
             )
@@ -283,10 +285,10 @@ class SPINTrainer:
     def _reference_logprobs(self, indices: list[int], generated: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Reference log p(actual) and log p(generated) for a set, in length-sorted micro batches of pairs."""
         items = [self.train_dataset[i] for i in indices]
-        return reference_logprobs_sharded(
-            self.reference.module, [it["prompt_ids"] for it in items], [it["answer_ids"] for it in items],
-            generated, self.eos_id, self.model_cfg.spin.log_prob_forward_micro_batch_size, self._autocast,
-        )
+        with self.reference.active() as reference:
+            return reference_logprobs_sharded(
+                reference, [it["prompt_ids"] for it in items], [it["answer_ids"] for it in items],
+                generated, self.eos_id, self.model_cfg.spin.log_prob_forward_micro_batch_size, self._autocast)
 
     def _pair_batch(self, keys: list[PairKey], answers: dict[PairKey, Rollout]) -> dict[str, Tensor]:
         indices = [i for _, i in keys]
@@ -444,7 +446,8 @@ class SPINTrainer:
                 "trainer.spin.max_epochs": self.cfg.max_epochs,
                 "model.data.train_ds.shuffle": bool(self.model_cfg.data.train_ds.shuffle),
                 **{f"model.spin.{k}": self.model_cfg.spin[k] for k in ("mix_iterations", "opponent_mix_prob",
-                                                                      "opponent_history")}}
+                                                                      "opponent_history")},
+                **lora.layout(self.model_cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_same_layout(state.get("layout"), self._layout())
@@ -458,21 +461,24 @@ class SPINTrainer:
         self._saved_step = self.step
         modules = {"policy": parallel.full_state_dict(self.policy)}
         if self.reference is not None:
-            modules["reference"] = parallel.full_state_dict(self.reference.module)
+            modules.update(self.reference.checkpoint_weights())
         optimizer = parallel.full_optimizer_state_dict(self.policy, self.optimizer)
         rng = rank_rng_states()
         if info().is_main:
             states = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng,
                       "grad_scaler": self.scaler.state_dict()}
+            if self.reference is not None:  # spinlm sft has none
+                states["reference"] = self.reference.checkpoint_state()
             self.checkpointer.save(self.step, modules=modules, states=states, meta=self.state_dict())
         barrier()
 
     def restore(self, path, loaded: tuple[dict, dict] | None = None) -> None:
         """Resume from a checkpoint directory written by `save` (`loaded`: its (states, meta), already read)."""
         states, meta = loaded or self.checkpointer.load(path, {})
-        parallel.load_full_state_dict(self.policy, self.checkpointer.weights(path, "policy"))
+        weights = functools.partial(self.checkpointer.weights, path) if info().is_main else (lambda name: {})
+        parallel.load_full_state_dict(self.policy, weights("policy"))  # rank 0 reads; the others receive shares
         if self.reference is not None:
-            parallel.load_full_state_dict(self.reference.module, self.checkpointer.weights(path, "reference"))
+            self.reference.restore(weights, states.get("reference", {}))
         parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
         if states.get("grad_scaler"):
@@ -484,7 +490,7 @@ class SPINTrainer:
 
     def _finish(self) -> None:
         if self.save_hf_on_end:
-            state = parallel.full_state_dict(self.policy)  # unsharded, gathered on rank 0
+            state = lora.hf_state_dict(self.policy)  # unsharded, adapters merged, gathered on rank 0
             if info().is_main:
                 out = export_hf(self.policy, self.tokenizer, self.logger.run_dir / "final", state_dict=state)
                 log.info("final policy exported to %s (Hugging Face format)", out)

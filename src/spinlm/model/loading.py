@@ -87,6 +87,21 @@ def adopt_model(
     return model
 
 
+def load_model_skeleton(
+    source: str | Path | PretrainedConfig, tokenizer: PreTrainedTokenizerBase, torch_dtype: torch.dtype = torch.float32,
+    cpu_linear_kernel: str = "auto", trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """`load_model`'s model without its weights: every tensor on the meta device (no memory, no read of
+    the weights file), from a model directory or a model's config. Under torchrun the ranks that do not
+    read the checkpoint build this and receive the weights from rank 0."""
+    config = source if isinstance(source, PretrainedConfig) else load_model_config(source, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    _ensure_pad_token(model, tokenizer)
+    use_onednn_linears(model, cpu_linear_kernel)
+    return model
+
+
 def _from_pretrained(auto_cls, path: str | Path, what: str, trust_remote_code: bool, **extra):
     source, kwargs = _from_pretrained_args(Path(path))
     if not trust_remote_code:

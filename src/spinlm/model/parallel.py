@@ -15,7 +15,7 @@ model and for the optimizer (keyed by parameter name, not position). So a checkp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -83,11 +83,32 @@ def wrap_policy(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
     return model
 
 
-def place_reference(module: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    """The frozen reference: sharded like the policy under FSDP, a local copy otherwise."""
-    if strategy == "fsdp":
-        return shard(module, device)
-    return module.to(device)
+def materialize(module: nn.Module, device: torch.device) -> nn.Module:
+    """A meta-device module's tensors allocated on `device`, uninitialised (a broadcast fills them), with
+    tied parameters tied again (`to_empty` gives each name its own tensor). Works on FSDP2 shards too."""
+    tied = [names for names in _parameter_names(module).values() if len(names) > 1]
+    module.to_empty(device=device)
+    for first, *others in tied:
+        shared = module.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, shared)
+    return module
+
+
+def _parameter_names(module: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has (several for tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return groups
+
+
+def broadcast_from_rank0(tensors: Iterable[Tensor]) -> None:
+    """Rank 0's values copied into every rank's `tensors`, in place; nothing in one process."""
+    if info().is_distributed:
+        for t in tensors:
+            torch.distributed.broadcast(t.data, src=0)
 
 
 def needs_lockstep(model: nn.Module) -> bool:
@@ -136,22 +157,22 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_full_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load a full state dict (every rank passes it) into a plain, DDP or FSDP2 model; strict.
-    A tied weight saved once (safetensors drops duplicates) is filled in from its partner."""
+    """Load a full state dict into a plain, DDP or FSDP2 model; strict. Under torchrun only rank 0's
+    `state` is read (the others may pass {}): it is broadcast a tensor at a time, each rank keeping
+    its shard, so no other rank needs a full copy on its host. A tied weight saved once (safetensors
+    drops duplicates) is filled in from its partner."""
     state = with_tied_names(unwrap(model), state)
     if not info().is_distributed:
         unwrap(model).load_state_dict(state, strict=True)
         return
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    options = StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state if info().is_main else {}, options=options)
 
 
 def with_tied_names(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`state` plus entries for every name sharing a parameter with one present."""
     out = dict(state)
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    for names in groups.values():
+    for names in _parameter_names(model).values():
         present = [n for n in names if n in out]
         for n in names:
             if n not in out and present:

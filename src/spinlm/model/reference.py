@@ -1,46 +1,142 @@
-"""The frozen opponent of SPIN: the previous iterate, which generates and scores reference log-probs."""
+"""The frozen opponent of SPIN: the previous iterate, which generates and scores reference log-probs.
+
+One interface, two kinds:
+- `FrozenReference`: a separate frozen copy of the policy's weights (full fine-tuning);
+- `LoraReference`: the policy itself with its LoRA adapters switched off (no second copy).
+
+Callers use only the interface: `active()` for generation and reference log-probs, `state_dict()` for
+the weights under Hugging Face's names (checkpoints, an inference engine), `refresh_from(policy)` at
+an iteration end, and `checkpoint_weights` / `checkpoint_state` / `restore` for checkpoints.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from spinlm.model import lora, parallel
 from spinlm.model.loading import unwrap
 from spinlm.model.logprobs import masked_sum_logprobs
 
 
 class ReferencePolicy:
-    """The frozen opponent (previous iterate): a separate copy of the policy's weights.
+    """What SPIN needs of its opponent (the previous iterate)."""
+
+    def active(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """A module whose forward is the reference's (eval mode, no grad), for the duration."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Full weights under plain Hugging Face names. Under torchrun a collective: call on every rank;
+        rank 0 gets the tensors (the others may get {})."""
+        raise NotImplementedError
+
+    def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """At an iteration end: the reference becomes the current policy."""
+        raise NotImplementedError
+
+    def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
+        """Weight files a checkpoint needs besides the policy's (name -> full state dict)."""
+        return {}
+
+    def checkpoint_state(self) -> dict:
+        """Plain values a checkpoint needs to resume the reference exactly."""
+        return {}
+
+    def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
+        """Back to a checkpoint: `read_weights(name)` gives a `checkpoint_weights` file (rank 0 reads)."""
+
+    def logprobs(self, input_ids: Tensor, masks: Tensor, micro_batch_size: int | None = None) -> Tensor:
+        """(B,) reference log p(answer | prompt), without a graph."""
+        with self.active() as module:
+            return masked_sum_logprobs(module, input_ids, masks, micro_batch_size=micro_batch_size)
+
+
+class FrozenReference(ReferencePolicy):
+    """A separate frozen copy of the weights.
 
     Design: a frozen copy rather than NeMo's CPU state-dict swap. NeMo swaps the reference weights
     into the policy and back for every generation and reference pass (two full weight copies per
     step); here generation and reference log-probs never touch the policy, and a refresh at an
     iteration boundary is one in-place copy. The cost is one extra set of weights in memory
-    (SmolLM2-135M: ~0.5 GB in fp32).
-
-    The copy is made with ``copy.deepcopy`` of the unwrapped model, which preserves tied weights
-    (deepcopy memoises shared tensors). Do this before anything patches the policy's forward.
+    (SmolLM2-135M: ~0.5 GB in fp32), on the device (sharded under FSDP2).
     """
 
-    def __init__(self, policy: nn.Module) -> None:
-        self.module = copy.deepcopy(unwrap(policy))
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
         self.module.requires_grad_(False)
         self.module.eval()
 
-    def refresh_from(self, policy: nn.Module) -> None:
-        """Make the reference equal to the current policy, copying into the existing tensors."""
-        self.load_state_dict(unwrap(policy).state_dict())
+    @classmethod
+    def copy_of(cls, policy: nn.Module) -> FrozenReference:
+        """A deep copy of the unwrapped policy, on its device; tied weights stay tied (deepcopy memoises
+        shared tensors). Make it before anything patches the policy's forward."""
+        return cls(copy.deepcopy(unwrap(policy)))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        with torch.no_grad():
+            yield self.module
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.module.state_dict()
+        return parallel.full_state_dict(self.module)
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Strict load (a checkpoint from another model is an error), copied in place: no reallocation."""
-        self.module.load_state_dict(state_dict, strict=True)
+        """Strict (a checkpoint from another model is an error), copied in place: no reallocation."""
+        parallel.load_full_state_dict(self.module, state_dict)
 
-    def logprobs(self, input_ids: Tensor, masks: Tensor, micro_batch_size: int | None = None) -> Tensor:
-        """(B,) reference log p(answer | prompt), without a graph."""
-        with torch.no_grad():
-            return masked_sum_logprobs(self.module, input_ids, masks, micro_batch_size=micro_batch_size)
+    def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Copy the policy's weights into the existing tensors (shard by shard under FSDP2)."""
+        self.module.load_state_dict(unwrap(policy).state_dict(), strict=True)
+
+    def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
+        return {"reference": self.state_dict()}
+
+    def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
+        self.load_state_dict(read_weights("reference"))
+
+
+class LoraReference(ReferencePolicy):
+    """The policy with its LoRA adapters off: the base weights are the reference, at no memory cost.
+
+    `refresh_from` merges the adapters into the base weights (which makes the reference equal to
+    the policy, up to the rounding of the merge), starts fresh adapters (B = 0: the policy's outputs
+    do not change) and zeroes their optimizer state; the lr schedule goes on. The number of merges is
+    checkpointed: it seeds the next fresh adapters, so a resumed run draws the same ones.
+    """
+
+    def __init__(self, policy: nn.Module, settings: lora.LoraSettings) -> None:
+        self.policy, self.settings = policy, settings
+        self.merges = 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        module = unwrap(self.policy)  # without DDP: no gradient sync; an FSDP2 module stays sharded
+        was_training = module.training
+        module.eval()
+        try:
+            with lora.adapters_disabled(module), torch.no_grad():
+                yield module
+        finally:
+            module.train(was_training)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return lora.base_state_dict(parallel.full_state_dict(self.policy))
+
+    def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        module = unwrap(policy)
+        lora.merge_adapters(module, self.settings.scaling)
+        self.merges += 1
+        lora.fresh_adapters(module, self.settings, self.merges)
+        if optimizer is not None:
+            lora.reset_optimizer_state(optimizer)
+
+    def checkpoint_state(self) -> dict:
+        return {"merges": self.merges}
+
+    def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
+        self.merges = int(state.get("merges", 0))  # the base weights and adapters came with the policy's
