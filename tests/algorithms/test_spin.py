@@ -97,7 +97,8 @@ def test_generation_and_reference_logprobs_use_reference_weights(cfg_factory):
     rollouts = trainer._rollouts_for(0, 0)
     indices = sorted(rollouts)
     prompts = [trainer.train_dataset[i]["prompt_ids"] for i in indices]
-    from_ref = generate(trainer.reference.module, trainer.tokenizer, prompts, trainer.sampling)
+    with trainer.reference.active() as reference:
+        from_ref = generate(reference, trainer.tokenizer, prompts, trainer.sampling)
     from_policy = generate(trainer.policy, trainer.tokenizer, prompts, trainer.sampling)
     assert [rollouts[i].generated_ids for i in indices] == from_ref.ids
     assert from_ref.ids != from_policy.ids
@@ -292,3 +293,48 @@ def test_data_sample_subsamples_max_steps_times_global_batch(cfg_factory):
     assert trainer.max_steps == 3
     with pytest.raises(Exception, match="max_steps > 0"):
         build_trainer(cfg_factory("model.data.sample=true", run_name="nosteps"))
+
+
+# ----- LoRA: the reference is the policy with its adapters off ----------------------------------
+LORA = ("model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4", "model.peft.lora_tuning.alpha=8",
+        "model.peft.lora_tuning.target_modules=all", "model.optim.lr=1e-2")
+
+
+def test_lora_run_merges_at_iteration_ends_and_exports_a_plain_model(cfg_factory):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from spinlm.model.lora import hf_state_dict
+
+    trainer = run(cfg_factory(*LORA))
+    rows = [r for r in read_metrics(trainer.logger.run_dir) if "train/loss" in r]
+    # steps 1 and 5 open an iteration: the policy equals its reference then (after a merge: up to its rounding)
+    assert [r["train/loss"] for r in rows if r["step"] in (1, 5)] == pytest.approx([math.log(2)] * 2, abs=1e-5)
+    assert abs(rows[3]["train/loss"] - math.log(2)) > 1e-3  # and it trained in between
+
+    ckpt = trainer.logger.run_dir / "checkpoints" / "step_000008"
+    assert not (ckpt / "reference.safetensors").exists()  # the reference is the policy's base weights
+    assert any("lora_A" in k for k in load_file(str(ckpt / "policy.safetensors")))
+    final = AutoModelForCausalLM.from_pretrained(trainer.logger.run_dir / "final")
+    merged = hf_state_dict(trainer.policy)
+    assert final.state_dict().keys() == merged.keys()
+    assert all(torch.equal(final.state_dict()[k], merged[k]) for k in merged)
+
+
+def test_lora_resume_after_crash_across_a_merge_is_bitwise(cfg_factory, monkeypatch):
+    pytest.importorskip("peft")
+    overrides = (*LORA, "trainer.spin.max_iterations=3", "trainer.spin.max_epochs=1", "trainer.spin.save_interval=3",
+                 "model.peft.lora_tuning.adapter_dropout=0.1")  # 6 steps, merges after 2, 4, 6; saves at 3, 6
+    full = build_trainer(cfg_factory(*overrides, run_name="full"))
+    full.fit()
+
+    cfg = cfg_factory(*overrides, run_name="crashy")
+    crash_at_step(build_trainer(cfg), 5, monkeypatch)
+    resumed = build_trainer(cfg)
+    assert resumed.step == 3 and resumed.reference.checkpoint_state() == {"merges": 1}
+    resumed.fit()  # through the merge at step 4, whose fresh adapters must be the same draw
+    got, want = resumed.policy.state_dict(), full.policy.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    losses = [[r["train/loss"] for r in read_metrics(t.logger.run_dir) if "train/loss" in r] for t in (resumed, full)]
+    assert losses[0] == losses[1]

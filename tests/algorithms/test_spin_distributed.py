@@ -6,8 +6,10 @@ reference log-prob sums (about -100) within 1e-6 relative: gradients summed over
 differently, by float32 ulps.
 """
 
+import importlib.util
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ def _cfg(run_dir, model_dir, files, *overrides):
 def _outcome(trainer, run_dir):
     """What a run produced (weights gathered from every rank: call on all; rank 0's is complete)."""
     weights = parallel.full_state_dict(trainer.policy)
-    reference = parallel.full_state_dict(trainer.reference.module)
+    reference = trainer.reference.state_dict()
     if not info().is_main:
         return {}
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -75,16 +77,26 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, tiny_model_dir, files):
-    """One-process runs, sampled and greedy."""
+    """One-process runs: sampled, greedy, and sampled with LoRA (when peft is installed)."""
     base = tmp_path_factory.mktemp("single")
     out = {}
-    for mode in ("sampled", "greedy"):
-        greedy = f"model.spin.sampling_params.use_greedy={mode == 'greedy'}"
-        trainer = build_trainer(_cfg(base / mode, tiny_model_dir, files, greedy))
+    for mode, overrides in _modes().items():
+        trainer = build_trainer(_cfg(base / mode, tiny_model_dir, files, *overrides))
         trainer.fit()
         trainer.logger.close()
         out[mode] = _outcome(trainer, base / mode)
     return out
+
+
+LORA = ("model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=3",  # 3 rows of A: uneven shards
+        "model.peft.lora_tuning.target_modules=[attention_qkv,mlp_fc2]", "model.optim.lr=1e-2")
+
+
+def _modes() -> dict[str, tuple[str, ...]]:
+    modes = {"sampled": (), "greedy": ("model.spin.sampling_params.use_greedy=true",)}
+    if importlib.util.find_spec("peft") is not None:
+        modes["lora"] = LORA
+    return modes
 
 
 def _crash_then_resume(run_dir, model_dir, files, first, second):
@@ -117,14 +129,41 @@ def _crash_then_resume(run_dir, model_dir, files, first, second):
 
 
 def _all_runs(rank, base, model_dir, files):
-    """Every 2-rank run of this module in one pair of processes (starting them costs ~10 s)."""
+    """Every 2-rank run of this module in one pair of processes (starting them costs ~10 s), counting the
+    reads of the weights files: only rank 0 reads them."""
+    reads = _count_weight_reads()
     out = {}
     for strategy in ("ddp", "fsdp"):
         run_dir = f"{base}/{strategy}"
         trainer = run(_cfg(run_dir, model_dir, files, f"trainer.strategy={strategy}"))
         out[strategy] = _outcome(trainer, run_dir)
+        if "lora" in _modes():
+            run_dir = f"{base}/lora_{strategy}"
+            trainer = run(_cfg(run_dir, model_dir, files, f"trainer.strategy={strategy}", *LORA))
+            out[f"lora_{strategy}"] = _outcome(trainer, run_dir)
     out["resume"] = _crash_then_resume(f"{base}/resume", model_dir, files, "ddp", "fsdp")
+    out["reads"] = dict(reads)
     return out
+
+
+def _count_weight_reads() -> Counter:
+    """Calls of the functions that read a weights file (the pretrained model; a checkpoint's), in this process."""
+    from spinlm.model import build
+    from spinlm.utils.checkpoint import Checkpointer
+
+    reads = Counter()
+    real_load, real_weights = build.load_model, Checkpointer.weights
+
+    def load_model(*args, **kwargs):
+        reads["pretrained"] += 1
+        return real_load(*args, **kwargs)
+
+    def weights(path, name):
+        reads["checkpoint"] += 1
+        return real_weights(path, name)
+
+    build.load_model, Checkpointer.weights = load_model, staticmethod(weights)
+    return reads
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +171,8 @@ def two_ranks(tmp_path_factory, tiny_model_dir, files):
     base = tmp_path_factory.mktemp("ranks")
     r0, r1 = run_ranks(_all_runs, 2, base / "results", str(base), str(tiny_model_dir), files)
     assert r0["resume"]["start"] == r1["resume"]["start"] == 4
+    builds = 4 + 2 * ("lora" in _modes())  # ddp, fsdp (and with LoRA), the crashed run, its resume
+    assert r0["reads"] == {"pretrained": builds, "checkpoint": 2} and r1["reads"] == {}  # resume: policy, reference
     return r0, base
 
 
@@ -140,6 +181,14 @@ def test_two_ranks_match_one_process(two_ranks, single_process, strategy):
     r0, base = two_ranks
     _assert_same_run(r0[strategy], single_process["sampled"])
     assert "model.safetensors" in r0[strategy]["final"]  # the unsharded HF export, written once
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_with_lora_match_one_process(two_ranks, single_process, strategy):
+    pytest.importorskip("peft")
+    r0, base = two_ranks
+    _assert_same_run(r0[f"lora_{strategy}"], single_process["lora"])
+    assert any("lora_A" in name for name in r0[f"lora_{strategy}"]["weights"])
 
 
 def test_interrupted_two_rank_run_resumes_on_two_ranks_of_the_other_strategy_and_on_one_process(

@@ -65,7 +65,7 @@ def _train(rank, strategy, tie, resume_state):
     model = _make(tie)
     reference = copy.deepcopy(model)
     model = parallel.wrap_policy(model, strategy, torch.device("cpu"))
-    reference = parallel.place_reference(reference, strategy, torch.device("cpu"))
+    reference = parallel.shard(reference, torch.device("cpu")) if strategy == "fsdp" else reference
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     if resume_state is not None:
         parallel.load_full_state_dict(model, resume_state["model"])

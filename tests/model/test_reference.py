@@ -9,7 +9,7 @@ import torch
 
 from spinlm.model.generation import SamplingParams, generate
 from spinlm.model.logprobs import masked_sum_logprobs
-from spinlm.model.reference import ReferencePolicy
+from spinlm.model.reference import FrozenReference
 from spinlm.model.tiny import build_tiny_model
 
 
@@ -43,7 +43,7 @@ def _greedy_answers(model, tokenizer) -> list[list[int]]:
 
 
 def test_frozen_copy(policy):
-    ref = ReferencePolicy(policy)
+    ref = FrozenReference.copy_of(policy)
     assert all(not p.requires_grad for p in ref.module.parameters())
     assert all(p.requires_grad for p in policy.parameters())
     assert not ref.module.training
@@ -51,18 +51,20 @@ def test_frozen_copy(policy):
 
 
 def test_reference_ignores_policy_updates(policy, tokenizer, batch):
-    ref = ReferencePolicy(policy)
+    ref = FrozenReference.copy_of(policy)
     before_lp = ref.logprobs(*batch)
-    before_gen = _greedy_answers(ref.module, tokenizer)
+    with ref.active() as module:
+        before_gen = _greedy_answers(module, tokenizer)
     _perturb(policy)
     assert not torch.allclose(masked_sum_logprobs(policy, *batch), before_lp)
     torch.testing.assert_close(ref.logprobs(*batch), before_lp, rtol=0, atol=0)
-    assert _greedy_answers(ref.module, tokenizer) == before_gen
+    with ref.active() as module:
+        assert _greedy_answers(module, tokenizer) == before_gen
     assert not ref.logprobs(*batch).requires_grad
 
 
 def test_refresh_from_copies_in_place(policy, batch):
-    ref = ReferencePolicy(policy)
+    ref = FrozenReference.copy_of(policy)
     _perturb(policy)
     ptrs = [p.data_ptr() for p in ref.module.parameters()]
     ref.refresh_from(policy)
@@ -72,7 +74,7 @@ def test_refresh_from_copies_in_place(policy, batch):
 
 
 def test_state_dict_round_trip(policy, batch):
-    ref = ReferencePolicy(policy)
+    ref = FrozenReference.copy_of(policy)
     saved = {k: v.clone() for k, v in ref.state_dict().items()}
     expected = ref.logprobs(*batch)
     _perturb(ref.module)
@@ -85,6 +87,6 @@ def test_tied_weights_stay_tied(tokenizer):
     policy.config.tie_word_embeddings = True
     policy.tie_weights()
     assert policy.lm_head.weight is policy.model.embed_tokens.weight
-    ref = ReferencePolicy(policy)
+    ref = FrozenReference.copy_of(policy)
     assert ref.module.lm_head.weight is ref.module.model.embed_tokens.weight
     assert ref.module.lm_head.weight is not policy.lm_head.weight
