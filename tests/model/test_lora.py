@@ -161,3 +161,12 @@ def test_hf_state_dict_is_the_merged_plain_model(policy, base):
     a, b = w.lora_A[lora.ADAPTER].weight, w.lora_B[lora.ADAPTER].weight
     torch.testing.assert_close(state["model.layers.1.self_attn.v_proj.weight"],
                                w.base_layer.weight + SETTINGS.scaling * b @ a)
+
+
+def test_optimizer_reset_refuses_a_state_adam_does_not_have():
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(2)
+    optimizer.step()  # SGD keeps a momentum buffer
+    with pytest.raises(TypeError, match="'momentum_buffer'"):
+        lora.reset_optimizer_state(optimizer)

@@ -136,9 +136,9 @@ def check_targets(model_config: Any, settings: LoraSettings, trust_remote_code: 
 def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Adapters on `model`'s target layers, in place; the base weights frozen, the adapters fresh
     (`fresh_adapters`, merge count 0). The global RNG is left as it was."""
+    require_peft()
     from peft import LoraConfig, inject_adapter_in_model
 
-    require_peft()
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=resolve_targets(model, settings.targets), bias="none")
     with torch.random.fork_rng(devices=[]):  # peft's own init draws from the global RNG; ours below does not
@@ -207,13 +207,18 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.enable_adapters(True)
 
 
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Every state tensor zeroed in place: for Adam(W) that is a fresh state (step 0, zero moments), and
-    unlike an empty state it survives torch's distributed optimizer state dict unchanged."""
+    """AdamW's state zeroed in place: a fresh state (step 0, zero moments) that, unlike an empty one,
+    survives torch's distributed optimizer state dict unchanged (it steps an empty state once to fill it).
+    A state entry Adam does not have (e.g. master weights) is an error, not silently zeroed."""
     for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, Tensor):
-                value.zero_()
+        for key, value in list(state.items()):
+            if key not in _ADAM_STATE:
+                raise TypeError(f"cannot reset optimizer state {key!r} for fresh LoRA adapters (only {_ADAM_STATE})")
+            state[key] = value.zero_() if isinstance(value, Tensor) else type(value)(0)
 
 
 # ----- state dicts under Hugging Face's names ----------------------------------------------------
