@@ -267,6 +267,15 @@ def test_bad_lora_config_is_refused(paths, capsys, monkeypatch, override, messag
     assert_refused(code, err, message, paths)
 
 
+def test_lora_without_peft(paths, capsys, monkeypatch):
+    from spinlm.model import lora
+
+    real = lora.find_spec
+    monkeypatch.setattr(lora, "find_spec", lambda name: None if name == "peft" else real(name))
+    code, err = run_cli([*base_args(paths), "model.peft.peft_scheme=lora"], capsys, monkeypatch)
+    assert_refused(code, err, "model.peft.peft_scheme=lora needs the peft package: pip install 'spinlm[lora]'", paths)
+
+
 def test_user_yaml_with_a_duplicate_key(paths, capsys, monkeypatch):
     conf = paths["tmp"] / "conf"
     conf.mkdir()

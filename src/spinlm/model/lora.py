@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any
 
 import torch
@@ -79,9 +80,7 @@ class LoraSettings:
 
 
 def require_peft() -> None:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
+    if find_spec("peft") is None:
         raise ConfigError("config: model.peft.peft_scheme=lora needs the peft package: pip install 'spinlm[lora]'")
 
 
