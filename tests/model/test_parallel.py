@@ -1,6 +1,7 @@
 """DDP and FSDP2 models on two gloo ranks match one process; full state dicts move between strategies."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -108,13 +109,76 @@ def _assert_close(a, b, atol=1e-5):
 CASES = [("ddp", False), ("fsdp", True)]  # FSDP2 with tied embeddings (as SmolLM2)
 
 
-def _all_cases(rank):
-    return {case: _strategy_run(rank, *case) for case in CASES}  # one process pair: starting one costs ~10 s
+def _all_cases(rank, tied_model_dir):
+    out = {case: _strategy_run(rank, *case) for case in CASES}  # one process pair: starting one costs ~10 s
+    return {**out, "build": _build_runs(tied_model_dir)}
+
+
+BUILDS = [(s, scheme) for s in ("ddp", "fsdp") for scheme in ("none", "lora")]
+
+
+def _build_runs(model_dir):
+    """`build.build_models` under each strategy, full fine-tuning and LoRA: the weights every rank ends with
+    (rank 1 never reads the file), whether the LM head stays tied, and the logits of policy and reference."""
+    from spinlm.config import load_config
+    from spinlm.model.build import build_models
+    from spinlm.model.loading import load_tokenizer
+
+    out = {}
+    for strategy, scheme in BUILDS:
+        if scheme == "lora" and importlib.util.find_spec("peft") is None:
+            continue
+        cfg = load_config([f"pretrained_checkpoint.restore_from_path={model_dir}", "model.cpu_linear_kernel=default",
+                           f"model.peft.peft_scheme={scheme}", "model.peft.lora_tuning.target_modules=all",
+                           "model.data.train_ds.file_path=unused", "model.data.validation_ds.file_path=unused"])
+        policy, reference = build_models(cfg, load_tokenizer(model_dir), strategy, torch.device("cpu"))
+        inner = unwrap(policy)
+        with torch.no_grad(), reference.active() as ref:
+            ref_logits = ref(input_ids=_batch(0)).logits
+        with torch.no_grad():
+            logits = policy(input_ids=_batch(0)).logits
+        out[strategy, scheme] = {"policy": parallel.full_state_dict(policy), "reference": reference.state_dict(),
+                                 "logits": logits, "ref_logits": ref_logits,
+                                 "tied": inner.lm_head.weight is inner.model.embed_tokens.weight}
+    return out
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    return run_ranks(_all_cases, 2, tmp_path_factory.mktemp("ranks"))
+def tied_model_dir(tmp_path_factory):
+    """The tiny model with tied embeddings (as SmolLM2), saved."""
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=5)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    out = tmp_path_factory.mktemp("tied")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tied_model_dir):
+    return run_ranks(_all_cases, 2, tmp_path_factory.mktemp("ranks"), str(tied_model_dir))
+
+
+@pytest.mark.parametrize("strategy,scheme", BUILDS)
+def test_build_on_two_ranks_gives_every_rank_the_weights_rank_0_read(two_ranks, tied_model_dir, strategy, scheme):
+    from spinlm.model.loading import load_model, load_tokenizer
+
+    if scheme == "lora":
+        pytest.importorskip("peft")
+    got = two_ranks[0]["build"][strategy, scheme]
+    model = load_model(tied_model_dir, load_tokenizer(tied_model_dir), cpu_linear_kernel="default")
+    expected = model.state_dict()
+    assert got["tied"]
+    _assert_close(got["reference"], expected, atol=0)
+    policy = got["policy"] if scheme == "none" else {k: v for k, v in got["policy"].items() if "lora_" not in k}
+    _assert_close({k.replace(".base_layer.", "."): v for k, v in policy.items()}, expected, atol=0)
+    with torch.no_grad():
+        logits = model(input_ids=_batch(0)).logits  # fresh adapters (B = 0) change nothing
+    for rank in two_ranks:  # rank 1's weights and buffers came from rank 0 (FSDP2: its shards feed rank 0's too)
+        torch.testing.assert_close(rank["build"][strategy, scheme]["logits"], logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(rank["build"][strategy, scheme]["ref_logits"], logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy,tie", CASES)
