@@ -189,7 +189,8 @@ def merge_adapters(model: nn.Module, scaling: float) -> None:
 
 
 def _merged(w: Tensor, b: Tensor, a: Tensor, scaling: float) -> Tensor:
-    """w + scaling * b @ a, summed in fp32 whatever the weights' dtype (one formula for merges and export)."""
+    """w + scaling * b @ a, summed in fp32 whatever the weights' dtype (one formula for merges and export).
+    Into a bf16 w the sum is rounded to bf16: a change below half a bf16 step of w is lost at the merge."""
     return (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
 
 
