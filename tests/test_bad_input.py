@@ -247,12 +247,17 @@ def test_tracker_without_its_package(paths, capsys, monkeypatch, key, package):
 
 
 LORA_CONFIGS = {
-    "unknown_peft_scheme": ("model.peft.peft_scheme=qlora", "model.peft.peft_scheme must be one of ('none', 'lora'), got 'qlora'"),
-    "rank_zero": ("model.peft.lora_tuning.adapter_dim=0", "model.peft.lora_tuning.adapter_dim (the LoRA rank) must be >= 1, got 0"),
-    "negative_rank": ("model.peft.lora_tuning.adapter_dim=-8", "model.peft.lora_tuning.adapter_dim (the LoRA rank) must be >= 1"),
+    "unknown_peft_scheme": ("model.peft.peft_scheme=qlora",
+                            "model.peft.peft_scheme must be one of ('none', 'lora'), got 'qlora'"),
+    "rank_zero": ("model.peft.lora_tuning.adapter_dim=0",
+                  "model.peft.lora_tuning.adapter_dim (the LoRA rank) must be >= 1, got 0"),
+    "negative_rank": ("model.peft.lora_tuning.adapter_dim=-8",
+                      "model.peft.lora_tuning.adapter_dim (the LoRA rank) must be >= 1"),
     "alpha_zero": ("model.peft.lora_tuning.alpha=0", "model.peft.lora_tuning.alpha must be > 0, got 0"),
-    "dropout_one": ("model.peft.lora_tuning.adapter_dropout=1.0", "model.peft.lora_tuning.adapter_dropout must be in [0, 1)"),
-    "no_targets": ("model.peft.lora_tuning.target_modules=[]", "model.peft.lora_tuning.target_modules must name at least"),
+    "dropout_one": ("model.peft.lora_tuning.adapter_dropout=1.0",
+                    "model.peft.lora_tuning.adapter_dropout must be in [0, 1)"),
+    "no_targets": ("model.peft.lora_tuning.target_modules=[]",
+                   "model.peft.lora_tuning.target_modules must name at least"),
     "target_not_in_model": ("model.peft.lora_tuning.target_modules=[attention_qkv,c_fc]",
                             "model.peft.lora_tuning.target_modules: 'c_fc' matches no linear layer of LlamaForCausalLM"),
 }
