@@ -131,7 +131,7 @@ def _build_runs(model_dir):
         cfg = load_config([f"pretrained_checkpoint.restore_from_path={model_dir}", "model.cpu_linear_kernel=default",
                            f"model.peft.peft_scheme={scheme}", "model.peft.lora_tuning.target_modules=all",
                            "model.data.train_ds.file_path=unused", "model.data.validation_ds.file_path=unused"])
-        policy, reference = build_models(cfg, load_tokenizer(model_dir), strategy, torch.device("cpu"))
+        policy, reference = build_models(cfg, load_tokenizer(model_dir), strategy, torch.device("cpu"), "default")
         inner = unwrap(policy)
         with torch.no_grad(), reference.active() as ref:
             ref_logits = ref(input_ids=_batch(0)).logits
