@@ -8,7 +8,6 @@ reference's ("generated") one; at the end of the iteration the reference becomes
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from typing import Any, Callable, Iterator
@@ -475,10 +474,10 @@ class SPINTrainer:
     def restore(self, path, loaded: tuple[dict, dict] | None = None) -> None:
         """Resume from a checkpoint directory written by `save` (`loaded`: its (states, meta), already read)."""
         states, meta = loaded or self.checkpointer.load(path, {})
-        weights = functools.partial(self.checkpointer.weights, path) if info().is_main else (lambda name: {})
-        parallel.load_full_state_dict(self.policy, weights("policy"))  # rank 0 reads; the others receive shares
+        read = self.checkpointer.weights if info().is_main else (lambda path, name: {})  # the others receive shares
+        parallel.load_full_state_dict(self.policy, read(path, "policy"))
         if self.reference is not None:
-            self.reference.restore(weights, states.get("reference", {}))
+            self.reference.restore(lambda name: read(path, name), states.get("reference", {}))
         parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
         if states.get("grad_scaler"):
