@@ -324,17 +324,29 @@ def test_lora_run_merges_at_iteration_ends_and_exports_a_plain_model(cfg_factory
 
 def test_lora_resume_after_crash_across_a_merge_is_bitwise(cfg_factory, monkeypatch):
     pytest.importorskip("peft")
-    overrides = (*LORA, "trainer.spin.max_iterations=3", "trainer.spin.max_epochs=1", "trainer.spin.save_interval=3",
-                 "model.peft.lora_tuning.adapter_dropout=0.1")  # 6 steps, merges after 2, 4, 6; saves at 3, 6
+    overrides = (*LORA, "trainer.spin.max_iterations=3", "trainer.spin.max_epochs=1",
+                 "model.peft.lora_tuning.adapter_dropout=0.1")  # 6 steps; merges, then saves, after 2, 4, 6
     full = build_trainer(cfg_factory(*overrides, run_name="full"))
     full.fit()
 
     cfg = cfg_factory(*overrides, run_name="crashy")
     crash_at_step(build_trainer(cfg), 5, monkeypatch)
-    resumed = build_trainer(cfg)
-    assert resumed.step == 3 and resumed.reference.checkpoint_state() == {"merges": 1}
-    resumed.fit()  # through the merge at step 4, whose fresh adapters must be the same draw
+    resumed = build_trainer(cfg)  # from just after merge 2: fresh adapters, their AdamW state zeroed
+    assert resumed.step == 4 and resumed.reference.checkpoint_state() == {"merges": 2}
+    resumed.fit()  # through the merge at step 6, whose fresh adapters must be the same draw
     got, want = resumed.policy.state_dict(), full.policy.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     losses = [[r["train/loss"] for r in read_metrics(t.logger.run_dir) if "train/loss" in r] for t in (resumed, full)]
     assert losses[0] == losses[1]
+
+
+def test_lora_trains_under_fp16_loss_scaling(cfg_factory):
+    pytest.importorskip("peft")
+    trainer = build_trainer(cfg_factory(*LORA, "trainer.precision=16-mixed", "trainer.spin.max_steps=3",
+                                        "model.optim.sched.warmup_steps=0"))
+    adapters = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    trainer.fit()
+    rows = [r for r in read_metrics(trainer.logger.run_dir) if "train/loss_scale" in r]
+    assert len(rows) == 3 and all(math.isfinite(r["train/loss"]) for r in rows)
+    now = dict(trainer.policy.named_parameters())
+    assert all(not torch.equal(now[n], before) for n, before in adapters.items() if "lora_B" in n)  # B moved off 0
