@@ -26,7 +26,7 @@ from spinlm.preflight import InMemory, prepare
 from spinlm.report import iteration_rows, read_metrics, write_report
 from spinlm.schedule import LRSchedule, build_scheduler, count_steps
 from spinlm.utils.checkpoint import Checkpointer, atomic_write_text
-from spinlm.utils.distributed import broadcast_from_main, info, init_distributed
+from spinlm.utils.distributed import all_gather_objects, broadcast_from_main, info, init_distributed
 from spinlm.utils.logger import RunLogger, RunTimer
 from spinlm.utils.trackers import build_trackers
 from spinlm.utils.rundir import RUN_CONFIG
@@ -169,7 +169,9 @@ def build_trainer(cfg: DictConfig, sft: bool = False, inputs: InMemory | None = 
 
 def read_resume(cfg: DictConfig, checkpointer: Checkpointer) -> tuple[Path, tuple[dict, dict]] | None:
     """(path, (states, meta)) of the checkpoint to resume, or None. Rank 0 finds and verifies it;
-    every rank reads it (a refusal raises on every rank, so none waits for the others)."""
+    every rank reads it, but for the optimizer state (twice the weights' size), which rank 0 alone
+    reads and shares out (`SPINTrainer.restore`). A refusal raises on every rank, so none waits for
+    the others."""
     if not cfg.exp_manager.resume_if_exists:
         return None
     found: Path | CheckpointError | None = None
@@ -185,7 +187,15 @@ def read_resume(cfg: DictConfig, checkpointer: Checkpointer) -> tuple[Path, tupl
         if not cfg.exp_manager.resume_ignore_no_checkpoint:
             raise ConfigError(f"config: exp_manager.resume_if_exists: no checkpoint in {checkpointer.directory}")
         return None
-    return found, checkpointer.load(found, {})
+    try:
+        loaded: tuple[dict, dict] | CheckpointError = checkpointer.load(
+            found, {}, skip=() if info().is_main else ("optimizer",))
+    except CheckpointError as e:
+        loaded = e
+    refusals = [e for e in all_gather_objects(loaded if isinstance(loaded, CheckpointError) else None) if e]
+    if refusals:
+        raise refusals[0]
+    return found, loaded
 
 
 def run(cfg: DictConfig, sft: bool = False, inputs: InMemory | None = None) -> SPINTrainer:

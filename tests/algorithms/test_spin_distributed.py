@@ -147,12 +147,14 @@ def _all_runs(rank, base, model_dir, files):
 
 
 def _count_weight_reads() -> Counter:
-    """Calls of the functions that read a weights file (the pretrained model; a checkpoint's), in this process."""
+    """Calls of the functions that read a weights file (the pretrained model; a checkpoint's) or a checkpoint's
+    optimizer state, in this process."""
     from spinlm.model import build
+    from spinlm.utils import checkpoint
     from spinlm.utils.checkpoint import Checkpointer
 
     reads = Counter()
-    real_load, real_weights = build.load_model, Checkpointer.weights
+    real_load, real_weights, real_state = build.load_model, Checkpointer.weights, checkpoint.load_state
 
     def load_model(*args, **kwargs):
         reads["pretrained"] += 1
@@ -162,7 +164,12 @@ def _count_weight_reads() -> Counter:
         reads["checkpoint"] += 1
         return real_weights(path, name)
 
-    build.load_model, Checkpointer.weights = load_model, staticmethod(weights)
+    def load_state(path):
+        if path.name.startswith("optimizer."):
+            reads["optimizer"] += 1
+        return real_state(path)
+
+    build.load_model, Checkpointer.weights, checkpoint.load_state = load_model, staticmethod(weights), load_state
     return reads
 
 
@@ -172,7 +179,8 @@ def two_ranks(tmp_path_factory, tiny_model_dir, files):
     r0, r1 = run_ranks(_all_runs, 2, base / "results", str(base), str(tiny_model_dir), files)
     assert r0["resume"]["start"] == r1["resume"]["start"] == 4
     builds = 4 + 2 * ("lora" in _modes())  # ddp, fsdp (and with LoRA), the crashed run, its resume
-    assert r0["reads"] == {"pretrained": builds, "checkpoint": 2} and r1["reads"] == {}  # resume: policy, reference
+    # the resume reads the policy's and the reference's weights and the optimizer state, on rank 0 only
+    assert r0["reads"] == {"pretrained": builds, "checkpoint": 2, "optimizer": 1} and r1["reads"] == {}
     return r0, base
 
 

@@ -478,7 +478,7 @@ class SPINTrainer:
         parallel.load_full_state_dict(self.policy, read(path, "policy"))
         if self.reference is not None:
             self.reference.restore(lambda name: read(path, name), states.get("reference", {}))
-        parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states["optimizer"])
+        parallel.load_full_optimizer_state_dict(self.policy, self.optimizer, states.get("optimizer", {}))
         self.scheduler.load_state_dict(states["scheduler"])
         if states.get("grad_scaler"):
             self.scaler.load_state_dict(states["grad_scaler"])

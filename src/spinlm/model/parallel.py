@@ -188,4 +188,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """The inverse of `full_optimizer_state_dict`. Under torchrun only rank 0's `state` is read (the
+    others may pass {}): it is broadcast a tensor at a time, each rank keeping its shard."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info().is_distributed)
+    set_optimizer_state_dict(model, optimizer, state if info().is_main else {}, options=options)

@@ -183,9 +183,11 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({problem})")
 
-    def load(self, path: Path, modules: dict[str, nn.Module]) -> tuple[dict[str, Any], dict]:
-        """Load weights into `modules`; return (other states, trainer meta). Reads only files the
-        manifest lists, and runs no code from them."""
+    def load(
+        self, path: Path, modules: dict[str, nn.Module], skip: tuple[str, ...] = (),
+    ) -> tuple[dict[str, Any], dict]:
+        """Load weights into `modules`; return (other states but those named in `skip`, trainer meta).
+        Reads only files the manifest lists, and runs no code from them."""
         self.verify(path)
         for name, module in modules.items():
             file = member(path, f"{name}.safetensors")
@@ -194,8 +196,9 @@ class Checkpointer:
         states = {}
         for name in read_manifest(path):
             if name.endswith(SUFFIX):
-                states[name[: -len(SUFFIX)]] = load_state(path / name)
-            elif name.endswith(LEGACY_SUFFIX):
+                if name[: -len(SUFFIX)] not in skip:
+                    states[name[: -len(SUFFIX)]] = load_state(path / name)
+            elif name.endswith(LEGACY_SUFFIX) and name[: -len(LEGACY_SUFFIX)] not in skip:
                 states[name[: -len(LEGACY_SUFFIX)]] = load_legacy_pt(path / name)
         meta = json.loads(member(path, STATE).read_text(encoding="utf-8"))
         return states, meta
