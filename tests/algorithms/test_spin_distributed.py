@@ -33,7 +33,7 @@ def _cfg(run_dir, model_dir, files, *overrides):
 def _outcome(trainer, run_dir):
     """What a run produced (weights gathered from every rank: call on all; rank 0's is complete)."""
     weights = parallel.full_state_dict(trainer.policy)
-    reference = trainer.reference.state_dict()
+    reference = trainer.reference.full_state_dict()
     if not info().is_main:
         return {}
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -108,6 +108,7 @@ def test_reference_is_the_base_model_with_adapters_off(policy, base, batch):
     assert not torch.allclose(_logprobs(policy, batch), _logprobs(base, batch))
     assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
     assert reference.state_dict().keys() == base.state_dict().keys()  # plain Hugging Face names
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in reference.full_state_dict().items())
 
 
 def test_after_a_merge_the_reference_equals_a_model_with_the_merged_weights(policy, tokenizer, batch):

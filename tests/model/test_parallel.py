@@ -137,7 +137,7 @@ def _build_runs(model_dir):
             ref_logits = ref(input_ids=_batch(0)).logits
         with torch.no_grad():
             logits = policy(input_ids=_batch(0)).logits
-        out[strategy, scheme] = {"policy": parallel.full_state_dict(policy), "reference": reference.state_dict(),
+        out[strategy, scheme] = {"policy": parallel.full_state_dict(policy), "reference": reference.full_state_dict(),
                                  "logits": logits, "ref_logits": ref_logits,
                                  "tied": inner.lm_head.weight is inner.model.embed_tokens.weight}
     return out

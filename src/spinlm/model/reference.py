@@ -5,8 +5,9 @@ One interface, two kinds:
 - `LoraReference`: the policy itself with its LoRA adapters switched off (no second copy).
 
 Callers use only the interface: `active()` for generation and reference log-probs, `state_dict()` for
-the weights under Hugging Face's names (checkpoints, an inference engine), `refresh_from(policy)` at
-an iteration end, and `checkpoint_weights` / `checkpoint_state` / `restore` for checkpoints.
+the weights under Hugging Face's names as held (an inference engine's push), `full_state_dict()` for
+them gathered (comparisons), `refresh_from(policy)` at an iteration end, and `checkpoint_weights` /
+`checkpoint_state` / `restore` for checkpoints.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ class ReferencePolicy:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Full weights under plain Hugging Face names. Under torchrun a collective: call on every rank;
-        rank 0 gets the tensors (the others may get {})."""
+        """The weights under plain Hugging Face names, as this rank holds them, copying nothing: full
+        tensors, or under FSDP2 DTensor shards (`full_tensor()` gathers one). What an engine push reads
+        one tensor at a time (`GenerationBackend.sync_weights`), at every generation."""
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The weights under plain Hugging Face names, full, on the CPU. Under torchrun a collective: call
+        on every rank; rank 0 gets the tensors (the others may get {})."""
         raise NotImplementedError
 
     def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -83,6 +90,9 @@ class FrozenReference(ReferencePolicy):
             yield self.module
 
     def state_dict(self) -> dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def full_state_dict(self) -> dict[str, Tensor]:
         return parallel.full_state_dict(self.module)
 
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
@@ -94,7 +104,7 @@ class FrozenReference(ReferencePolicy):
         self.module.load_state_dict(unwrap(policy).state_dict(), strict=True)
 
     def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
-        return {"reference": self.state_dict()}
+        return {"reference": self.full_state_dict()}
 
     def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
         self.load_state_dict(read_weights("reference"))
@@ -125,6 +135,9 @@ class LoraReference(ReferencePolicy):
             module.train(was_training)
 
     def state_dict(self) -> dict[str, Tensor]:
+        return lora.base_state_dict(unwrap(self.policy).state_dict())
+
+    def full_state_dict(self) -> dict[str, Tensor]:
         return lora.base_state_dict(parallel.full_state_dict(self.policy))
 
     def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
