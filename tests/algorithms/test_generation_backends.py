@@ -37,7 +37,7 @@ def test_vllm_without_vllm_stops_before_the_weights_load_naming_key_and_install(
     monkeypatch.setattr(backends, "vllm_build", lambda: None)
     cfg = cfg_factory("model.spin.generation_backend=vllm")
     loaded = []
-    monkeypatch.setattr("spinlm.train.load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("spinlm.model.build.load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(ConfigError) as err:
         build_trainer(cfg)
     assert str(err.value) == ("config: model.spin.generation_backend=vllm needs vLLM, which is not installed: "
