@@ -94,12 +94,20 @@ def load_samples(model_dir: Path, data: Path, w: dict):
     return model, tokenizer, renderer, ds, [conversation_to_messages(c) for c in convs]
 
 
+def add_child_args(p, modes: list[str]) -> None:
+    """The hidden options of a benchmark's child process: which mode it runs, its spec and result files."""
+    p.add_argument("--child", choices=modes, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+
+
 # ----- measurements shared by both sides --------------------------------------------------------------
-def matmul_rates(n: int = 2048, repeats: int = 8) -> dict[str, float]:
+def matmul_rates(n: int = 2048, repeats: int = 8, bf16: bool = False) -> dict[str, float]:
     """Best-of fp32 dense matmul FLOP/s of this process, by ``torch.mm`` (PyTorch's BLAS) and by oneDNN.
 
     The faster of the two is the machine's dense rate, the MFU denominator: on AMD CPUs MKL
-    (behind ``torch.mm``) runs AVX2 code and reaches about half of what oneDNN does.
+    (behind ``torch.mm``) runs AVX2 code and reaches about half of what oneDNN does. `bf16` adds a
+    bf16 ``torch.mm`` (PyTorch sends bf16 CPU products to oneDNN).
     """
     from spinlm.model.kernels import onednn_mm, onednn_available
 
@@ -107,6 +115,9 @@ def matmul_rates(n: int = 2048, repeats: int = 8) -> dict[str, float]:
     kernels = {"torch.mm": lambda: torch.mm(a, b)}
     if onednn_available():
         kernels["onednn"] = lambda: onednn_mm(a, b)
+    if bf16:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        kernels["bf16 torch.mm"] = lambda: torch.mm(a16, b16)
     rates = {}
     for name, fn in kernels.items():
         fn()
@@ -400,10 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-baseline", default=None, help="take the baseline from an earlier --out FILE (development)")
     p.add_argument("--generation", action="store_true", help="generation tokens/s of the spinlm, hf and vllm backends")
     p.add_argument("--vllm-python", default=sys.executable, help="python of an environment with vLLM (--generation)")
-    p.add_argument("--child", choices=["baseline", "spinlm", *(f"gen-{b}" for b in generation_bench.BACKENDS)],
-                   help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    add_child_args(p, ["baseline", "spinlm", *(f"gen-{b}" for b in generation_bench.BACKENDS)])
     args = p.parse_args(argv)
     if args.child:
         child(args)

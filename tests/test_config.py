@@ -321,7 +321,7 @@ def test_validate_needs_restore_path(valid_overrides):
         ("model.optim.lr=-1e-5", "model.optim.lr"),
         ("model.spin.loss_type=dpo", "model.spin.loss_type"),
         ("model.spin.ref_policy_kl_penalty=[0.1,0.2]", "model.spin.ref_policy_kl_penalty"),  # 2 < 3 iterations
-        ("trainer.precision=bf16", "trainer.precision"),
+        ("trainer.precision=bf16-true", "trainer.precision"),
         ("model.data.chat=false", "model.data.chat"),
         ("trainer.max_time=1:00:00", "trainer.max_time"),
         ("model.global_batch_size=63", "model.global_batch_size"),  # with micro_batch_size=2 below

@@ -54,6 +54,9 @@ _UNION_TYPES: dict[str, tuple[type, ...]] = {
        for key in ("split", "conversation_column")},
     "model.peft.lora_tuning.alpha": (int, float),
     "model.peft.lora_tuning.target_modules": (list, str),  # a single name is a list of one
+    "model.activations_checkpoint_granularity": (str,),
+    "model.activations_checkpoint_method": (str,),
+    "model.activations_checkpoint_num_layers": (int,),
 }
 
 
@@ -302,7 +305,9 @@ def kl_penalty_for_iteration(penalty: float | Sequence[float], iteration: int) -
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 STRATEGIES = ("auto", "ddp", "fsdp")
 CPU_LINEAR_KERNELS = ("auto", "onednn", "default")  # model.cpu_linear_kernel
-PRECISIONS = ("bf16-mixed", "32", "32-true", "16-mixed")
+PRECISIONS = ("bf16-mixed", "bf16", "32", "32-true", "16-mixed")  # trainer.precision (spinlm.model.precision)
+CHECKPOINT_GRANULARITIES = ("full", "selective")  # model.activations_checkpoint_granularity (or null)
+CHECKPOINT_METHODS = ("uniform", "block")  # model.activations_checkpoint_method (or null)
 LENGTH_POLICIES = ("truncate", "drop", "error")  # model.data.length_policy
 OPPONENT_KEY = "model.spin.first_opponent_from_data"  # iteration 0's opponent answers from the data
 SCHEDULERS = ("CosineAnnealing", "Constant")
@@ -352,7 +357,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     need(optim.sched.name in SCHEDULERS, "model.optim.sched.name", f"must be one of {SCHEDULERS}")
     need(optim.sched.min_lr >= 0, "model.optim.sched.min_lr", "must be >= 0")
     need(model.spin.loss_type in LOSS_TYPES, "model.spin.loss_type", f"must be one of {LOSS_TYPES}")
-    need(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
+    validate_memory_keys(cfg)
     need(model.data.length_policy in LENGTH_POLICIES, "model.data.length_policy",
          f"must be {', '.join(LENGTH_POLICIES[:-1])} or {LENGTH_POLICIES[-1]}, got {model.data.length_policy!r}")
     need(bool(model.data.train_ds.drop_last), "model.data.train_ds.drop_last", "must be true (as in NeMo)")
@@ -494,3 +499,30 @@ def validate_peft(cfg: DictConfig) -> None:
     targets = lora_targets(lora)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"config: {key}.target_modules must name at least one module, got {targets}")
+
+
+def validate_memory_keys(cfg: DictConfig) -> None:
+    """trainer.precision and the activation checkpointing keys (model.activations_checkpoint_*)."""
+    model = cfg.model
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"config: trainer.precision must be one of {PRECISIONS}, got {cfg.trainer.precision!r}")
+    granularity, method, layers = (model.activations_checkpoint_granularity, model.activations_checkpoint_method,
+                                   model.activations_checkpoint_num_layers)
+    if granularity is not None and granularity not in CHECKPOINT_GRANULARITIES:
+        raise ConfigError(f"config: model.activations_checkpoint_granularity must be null, full or selective, "
+                          f"got {granularity!r}")
+    if method is not None and method not in CHECKPOINT_METHODS:
+        raise ConfigError(f"config: model.activations_checkpoint_method must be null, uniform or block, got {method!r}")
+    if layers is not None and layers < 1:
+        raise ConfigError(f"config: model.activations_checkpoint_num_layers must be >= 1 or null, got {layers}")
+    if granularity != "full" and (method is not None or layers is not None):  # would be silently ignored
+        key = "method" if method is not None else "num_layers"
+        raise ConfigError(f"config: model.activations_checkpoint_{key} applies to "
+                          f"activations_checkpoint_granularity=full only (it is {granularity}); set it to null")
+    if method == "block" and layers is None:
+        raise ConfigError("config: model.activations_checkpoint_num_layers is required with "
+                          "activations_checkpoint_method=block (how many layers recompute)")
+    if method != "block" and layers not in (None, 1):
+        raise ConfigError(f"config: model.activations_checkpoint_num_layers={layers} with method uniform: only 1 is "
+                          "supported (each decoder layer recomputes alone); use activations_checkpoint_method=block "
+                          "to recompute fewer layers")

@@ -37,7 +37,8 @@ _DISTOPT = "a setting of Megatron's distributed optimizer; no effect here"
 KNOBS: dict[str, Knob] = {
     "model.mcore_gpt": Knob(_BOOL, "NeMo builds Megatron Core's GPT; spinlm trains the Hugging Face model it loads"),
     "model.megatron_amp_O2": Knob(_BOOL, "Megatron keeps half-precision weights with an fp32 master copy; spinlm "
-                                         "keeps fp32 weights and autocasts as trainer.precision says"),
+                                         "does that under trainer.precision=bf16 (NeMo-Aligner's default pair) and "
+                                         "otherwise keeps the weights trainer.precision says"),
     "model.tensor_model_parallel_size": Knob(_INT, "1 = no tensor parallelism, as spinlm runs", (1,),
                                              f"tensor parallelism is not supported: {_PARALLEL}"),
     "model.pipeline_model_parallel_size": Knob(_INT, "1 = no pipeline parallelism, as spinlm runs", (1,),

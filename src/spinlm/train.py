@@ -16,8 +16,9 @@ from spinlm.algorithms.spin import SPINTrainer
 from spinlm.config import check_num_nodes, parse_max_time
 from spinlm.errors import CheckpointError, ConfigError
 from spinlm.evaluation import HeldOutEvaluator
-from spinlm.model import parallel
+from spinlm.model import memory, parallel
 from spinlm.model.backends import make_backend, resolve_backend
+from spinlm.model.bf16_adamw import BF16AdamW
 from spinlm.model.build import build_models
 from spinlm.model.decoding import supports_cached_decoding
 from spinlm.model.kernels import cpu_vendor, resolve_cpu_linear_kernel
@@ -51,9 +52,12 @@ def pick_device(accelerator: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def adamw(params: list[torch.Tensor], **kwargs) -> torch.optim.AdamW:
+def adamw(params: list[torch.Tensor], **kwargs) -> torch.optim.Optimizer:
     """torch's fused AdamW (one kernel over all parameters) where it supports the parameters, else
-    the default. Same update up to float rounding; on CPU it halves the optimizer step time."""
+    the default. Same update up to float rounding; on CPU it halves the optimizer step time.
+    bf16 parameters (trainer.precision=bf16) get `BF16AdamW`: fp32 moments and exact fp32 master weights."""
+    if params and params[0].dtype == torch.bfloat16:
+        return BF16AdamW(params, **kwargs)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):  # e.g. a device or tensor type without a fused kernel
@@ -129,6 +133,9 @@ def build_trainer(cfg: DictConfig, sft: bool = False, inputs: InMemory | None = 
     if launch.is_main:
         log.info("run %r in %s; CPU linear layers: %s (%s)", cfg.exp_manager.name, run_dir, kernel, why)
         log.info(LRSchedule.from_config(cfg.model.optim, max_steps).summary())
+    # one line; on CUDA a run that cannot fit stops here, before any weight loads
+    memory.report(cfg, prep.train.samples, strategy, launch.world_size, device,
+                  inputs.model.config if inputs.model is not None else None)
 
     seed_everything(cfg.model.seed)
     # rank 0 reads the weights (or every rank holds them: a model in memory)

@@ -7,7 +7,6 @@ reference's ("generated") one; at the end of the iteration the reference becomes
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any, Callable, Iterator
@@ -32,6 +31,7 @@ from spinlm.model import lora, parallel
 from spinlm.model.generation import GenerationBackend, SamplingParams
 from spinlm.model.kernels import linear_kernel_in_use
 from spinlm.model.loading import export_hf
+from spinlm.model.precision import precision_of
 from spinlm.model.reference import ReferencePolicy
 from spinlm.schedule import step_schedule
 from spinlm.utils.checkpoint import Checkpointer, check_same_layout
@@ -393,8 +393,9 @@ class SPINTrainer:
 
     def evaluate_held_out(self) -> None:
         """Held-out accuracy and SFT loss of the policy after the iterations done so far, logged as eval/*."""
-        if self.evaluator is not None:
-            metrics = self.evaluator(self.policy, self.schedule.position(self.step)[0], self._autocast)
+        if self.evaluator is not None:  # the reference == the policy here, in the compute dtype: no cast per step
+            with contextlib.nullcontext(self.policy) if self.reference is None else self.reference.active() as model:
+                metrics = self.evaluator(model, self.schedule.position(self.step)[0], self._autocast)
             self.last_eval = {k.replace("/", "_"): v for k, v in metrics.items() if k.startswith("eval/")}
             self.last_eval["eval_step"] = self.step
             self.logger.log_metrics(metrics, self.step)
@@ -496,9 +497,5 @@ class SPINTrainer:
             barrier()
 
     def _autocast(self):
-        if self.precision == "bf16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.precision == "16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        return contextlib.nullcontext()
+        return precision_of(self.precision).autocast(self.device.type)
 

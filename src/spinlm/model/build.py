@@ -29,6 +29,8 @@ from torch import nn
 
 from spinlm.model import lora, parallel
 from spinlm.model.loading import adopt_model, load_model, load_model_skeleton
+from spinlm.model.precision import Precision, frozen_copy, precision_of
+from spinlm.model.recompute import apply_activation_checkpointing
 from spinlm.model.reference import FrozenReference, LoraReference, ReferencePolicy
 from spinlm.utils.distributed import info
 
@@ -43,28 +45,32 @@ def build_models(
     path = cfg.pretrained_checkpoint.restore_from_path
     trust = cfg.pretrained_checkpoint.trust_remote_code
     settings = lora.LoraSettings.from_config(cfg.model)
+    precision = precision_of(cfg.trainer.precision)
+    dtype = precision.param_dtype
     reads = info().is_main or model is not None  # the ranks that hold the weights (rank 0 reads the file)
 
     def skeleton() -> nn.Module:
         source = path if model is None else model.config
-        return load_model_skeleton(source, tokenizer, cpu_linear_kernel=kernel, trust_remote_code=trust)
+        return load_model_skeleton(source, tokenizer, dtype, cpu_linear_kernel=kernel, trust_remote_code=trust)
 
     if model is not None:
-        model = adopt_model(model, tokenizer, cpu_linear_kernel=kernel)
+        model = adopt_model(model, tokenizer, dtype, cpu_linear_kernel=kernel)
     elif reads:
-        model = load_model(path, tokenizer, cpu_linear_kernel=kernel, trust_remote_code=trust)
+        model = load_model(path, tokenizer, dtype, cpu_linear_kernel=kernel, trust_remote_code=trust)
     else:
         model = skeleton()
     if settings is not None:
-        lora.add_adapters(model, settings)
+        lora.add_adapters(model, settings)  # in the base's dtype (bf16: BF16AdamW keeps their exact master)
+    apply_activation_checkpointing(model, cfg.model.activations_checkpoint_granularity,
+                                   cfg.model.activations_checkpoint_method, cfg.model.activations_checkpoint_num_layers)
     if strategy == "fsdp":
-        return _sharded(model, skeleton, settings, device, reads, with_reference)
+        return _sharded(model, skeleton, settings, precision, device, reads, with_reference)
     if not reads:
         parallel.materialize(model, device)  # filled from rank 0 below
     model.to(device)
     reference: ReferencePolicy | None = None
     if settings is None and with_reference:
-        reference = FrozenReference.copy_of(model)  # on the device, before DDP wraps the policy
+        reference = FrozenReference.copy_of(model, precision)  # on the device, before DDP wraps the policy
         parallel.broadcast_from_rank0([*reference.module.parameters(), *reference.module.buffers()])
     policy = parallel.wrap_policy(model, strategy, device)  # DDP: its start broadcasts rank 0's weights
     if not with_reference:
@@ -73,8 +79,8 @@ def build_models(
 
 
 def _sharded(
-    model: nn.Module, skeleton, settings: lora.LoraSettings | None, device: torch.device, reads: bool,
-    with_reference: bool,
+    model: nn.Module, skeleton, settings: lora.LoraSettings | None, precision: Precision, device: torch.device,
+    reads: bool, with_reference: bool,
 ) -> tuple[nn.Module, ReferencePolicy | None]:
     full = model.state_dict() if reads else {}  # rank 0's one host copy, until every shard is filled
     policy = _filled_shards(model, full, device, allocated=reads)
@@ -83,7 +89,8 @@ def _sharded(
         return policy, None
     if settings is not None:
         return policy, LoraReference(policy, settings)
-    reference = _filled_shards(skeleton(), full, device, allocated=False)
+    # in the compute dtype, like the single-process copy (model/precision.py); filled (cast) from the same copy
+    reference = _filled_shards(frozen_copy(skeleton(), precision), full, device, allocated=False)
     buffers = dict(policy.named_buffers())
     for name, buffer in reference.named_buffers():
         buffer.copy_(buffers[name])

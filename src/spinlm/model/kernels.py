@@ -14,6 +14,10 @@ AVX2 path; PyTorch's default elsewhere). The trainer resolves it once per run on
 it in every checkpoint and reuses the recorded kernel on resume, so a resumed process, every rank
 and every run of the same command compute the same numbers whatever the machine's load.
 ``onednn`` and ``default`` force one kernel.
+
+bf16 tensors (`trainer.precision=bf16`, and the reference's linear layers under bf16-mixed) take
+``F.linear``: PyTorch already sends bf16 CPU products to oneDNN's AVX512-BF16 kernels
+(brg_matmul:avx512_core_bf16), ~2x oneDNN's fp32 rate here (benchmarks/precision_bench.py).
 """
 
 from __future__ import annotations

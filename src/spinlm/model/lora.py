@@ -207,7 +207,9 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.enable_adapters(True)
 
 
-_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# AdamW's state, and BF16AdamW's remainder of the master weight (trainer.precision=bf16): zeroed, the master is
+# the fresh bf16 adapter exactly
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_low")
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

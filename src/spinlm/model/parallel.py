@@ -79,7 +79,8 @@ def wrap_policy(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
     if strategy == "ddp":
         # buffers (rotary tables) are constants: no broadcast per forward
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        # gradients as views into the all-reduce buckets: no second copy of them
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
     return model
 
 
@@ -172,12 +173,25 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 def with_tied_names(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`state` plus entries for every name sharing a parameter with one present."""
     out = dict(state)
-    for names in _parameter_names(model).values():
+    for names in [*_parameter_names(model).values(), _declared_embedding_tie(model)]:
         present = [n for n in names if n in out]
         for n in names:
             if n not in out and present:
                 out[n] = out[present[0]]
     return out
+
+
+def _declared_embedding_tie(model: nn.Module) -> list[str]:
+    """The names of a Hugging Face model's input and output embeddings when its config ties them, even where a
+    copy keeps them apart (the mixed-precision reference unties its LM head: model/precision.py)."""
+    inner = unwrap(model)
+    if not getattr(getattr(inner, "config", None), "tie_word_embeddings", False):
+        return []
+    try:
+        ends = {id(inner.get_input_embeddings().weight), id(inner.get_output_embeddings().weight)}
+    except (AttributeError, NotImplementedError):
+        return []
+    return [name for name, p in inner.named_parameters(remove_duplicate=False) if id(p) in ends]
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -13,7 +13,6 @@ them gathered (comparisons), `refresh_from(policy)` at an iteration end, and `ch
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from spinlm.model import lora, parallel
 from spinlm.model.loading import unwrap
 from spinlm.model.logprobs import masked_sum_logprobs
+from spinlm.model.precision import Precision, frozen_copy, precision_of
 
 
 class ReferencePolicy:
@@ -70,7 +70,7 @@ class FrozenReference(ReferencePolicy):
     into the policy and back for every generation and reference pass (two full weight copies per
     step); here generation and reference log-probs never touch the policy, and a refresh at an
     iteration boundary is one in-place copy. The cost is one extra set of weights in memory
-    (SmolLM2-135M: ~0.5 GB in fp32), on the device (sharded under FSDP2).
+    (SmolLM2-135M: ~0.5 GB in fp32; half that under bf16 or bf16-mixed, see `copy_of`), on the device (sharded under FSDP2).
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -79,10 +79,11 @@ class FrozenReference(ReferencePolicy):
         self.module.eval()
 
     @classmethod
-    def copy_of(cls, policy: nn.Module) -> FrozenReference:
-        """A deep copy of the unwrapped policy, on its device; tied weights stay tied (deepcopy memoises
-        shared tensors). Make it before anything patches the policy's forward."""
-        return cls(copy.deepcopy(unwrap(policy)))
+    def copy_of(cls, policy: nn.Module, precision: Precision | None = None) -> FrozenReference:
+        """A copy of the unwrapped policy, on its device, each weight in the dtype `precision`'s forward computes
+        with (`model/precision.py`: under autocast linear layers in bf16/fp16, a tied LM head untied; default:
+        as the policy's); other tied weights stay tied. Make it before anything patches the policy's forward."""
+        return cls(frozen_copy(unwrap(policy), precision or precision_of("32")))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:

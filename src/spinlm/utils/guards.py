@@ -89,4 +89,5 @@ def apply_gradients(module: nn.Module, optimizer: torch.optim.Optimizer, schedul
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
+    optimizer.zero_grad(set_to_none=True)  # no gradients held through generation and validation
     return grad_norm.item(), lr
