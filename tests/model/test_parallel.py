@@ -129,6 +129,7 @@ def _build_runs(model_dir):
         if scheme == "lora" and importlib.util.find_spec("peft") is None:
             continue
         cfg = load_config([f"pretrained_checkpoint.restore_from_path={model_dir}", "model.cpu_linear_kernel=default",
+                           "trainer.precision=32",  # the reference in fp32: compared with the policy, no autocast
                            f"model.peft.peft_scheme={scheme}", "model.peft.lora_tuning.target_modules=all",
                            "model.data.train_ds.file_path=unused", "model.data.validation_ds.file_path=unused"])
         policy, reference = build_models(cfg, load_tokenizer(model_dir), strategy, torch.device("cpu"), "default")
