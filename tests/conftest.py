@@ -88,6 +88,25 @@ def cache_hub_dataset(datasets, repo_id: str, splits: dict, tmp_path: Path) -> N
     shutil.move(str(built), str(target / "0123abcd"))
 
 
+def sigterm_at_step(trainer, step: int, monkeypatch) -> None:
+    """`trainer.fit()` with a SIGTERM as it is about to train step `step + 1`: it saves and stops."""
+    import os
+    import signal
+
+    from spinlm.algorithms.spin import SPINTrainer
+
+    real_step = SPINTrainer.train_single_step
+
+    def step_then_term(self, batch):
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batch)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SPINTrainer, "train_single_step", step_then_term)
+        trainer.fit()
+
+
 def crash_at_step(trainer, step: int, monkeypatch) -> None:
     """`trainer.fit()` until it is about to train step `step + 1`, then a crash (as a killed run)."""
     from spinlm.algorithms.spin import SPINTrainer

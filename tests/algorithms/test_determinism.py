@@ -5,17 +5,15 @@ says otherwise."""
 
 import json
 import logging
-import os
-import signal
 
 import pytest
 import torch
 from busy import busy_cores
+from conftest import sigterm_at_step
 from safetensors.torch import load_file
 from spawn import run_ranks
 from test_spin import cfg_factory, make_cfg  # noqa: F401 (fixture)
 
-from spinlm.algorithms.spin import SPINTrainer
 from spinlm.model import kernels
 from spinlm.model.kernels import linear_kernel_in_use, onednn_available
 from spinlm.train import build_trainer, choose_linear_kernel, run
@@ -63,20 +61,11 @@ def test_resume_reuses_the_recorded_kernel(cfg_factory, monkeypatch, caplog):
 
     cfg = cfg_factory(run_name="stopped")
     trainer = build_trainer(cfg)
-    real_step = SPINTrainer.train_single_step
-
-    def step(self, batch):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, batch)
-
-    monkeypatch.setattr(SPINTrainer, "train_single_step", step)
-    trainer.fit()
+    sigterm_at_step(trainer, 2, monkeypatch)
     assert trainer.step == 3
     meta = json.loads((trainer.logger.run_dir / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert meta["cpu_linear_kernel"] == kernel
 
-    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
     vendor = _other_vendor()
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
     assert kernels.resolve_cpu_linear_kernel("auto") != kernel  # the rule now says the other kernel

@@ -2,13 +2,10 @@
 gradients do not underflow; an overflow skips the update and lowers the scale instead of stopping
 the run; the scaler's state is checkpointed and a resume is exact."""
 
-import os
-import signal
-
 import torch
+from conftest import sigterm_at_step
 from test_spin import cfg_factory, params_vector, read_metrics  # noqa: F401 (fixture)
 
-from spinlm.algorithms.spin import SPINTrainer
 from spinlm.train import build_trainer
 
 FP16 = ("trainer.precision=16-mixed",)
@@ -25,20 +22,11 @@ def test_fp16_scales_the_loss_and_resumes_exactly(cfg_factory, monkeypatch):
 
     cfg = cfg_factory(*FP16, run_name="stopped")
     trainer = build_trainer(cfg)
-    real_step = SPINTrainer.train_single_step
-
-    def step(self, batch):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, batch)
-
-    monkeypatch.setattr(SPINTrainer, "train_single_step", step)
-    trainer.fit()
+    sigterm_at_step(trainer, 2, monkeypatch)
     saved = trainer.logger.run_dir / "checkpoints" / "step_000003"
     states, _ = trainer.checkpointer.load(saved, {})
     assert states["grad_scaler"]["scale"] == trainer.scaler.get_scale()
 
-    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
     resumed = build_trainer(cfg)
     assert resumed.scaler.get_scale() == trainer.scaler.get_scale()
     resumed.fit()

@@ -7,7 +7,6 @@ time in a process, with a 64 MiB KV cache.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,10 @@ import torch
 
 pytest.importorskip("vllm")
 
+from conftest import sigterm_at_step  # noqa: E402
 from spawn import run_ranks  # noqa: E402
 from test_spin import make_cfg  # noqa: E402
 
-from spinlm.algorithms.spin import SPINTrainer  # noqa: E402
 from spinlm.model.tiny import build_tiny_model  # noqa: E402
 from spinlm.model.vllm_engine import VLLMBackend  # noqa: E402
 from spinlm.train import build_trainer, run  # noqa: E402
@@ -93,20 +92,11 @@ def test_a_resumed_run_reuses_the_rollouts_without_starting_an_engine(tmp_path, 
     cfg = make_cfg(tmp_path / "run", vllm_model_dir, chat_files, *VLLM, "trainer.spin.max_iterations=1",
                    "trainer.spin.save_interval=1")
     trainer = build_trainer(cfg)
-    real_step = SPINTrainer.train_single_step
-
-    def step(self, batch):
-        if self.step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, batch)
-
-    monkeypatch.setattr(SPINTrainer, "train_single_step", step)
-    trainer.fit()
+    sigterm_at_step(trainer, 1, monkeypatch)
     trainer.generator.close()
     assert trainer.step == 2
     stored = (tmp_path / "run" / "rollouts" / "iter_0.jsonl").read_bytes()
 
-    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
     calls = []
     for name in ("sync_weights", "generate"):
         monkeypatch.setattr(VLLMBackend, name, lambda *a, _n=name, **k: calls.append(_n))
