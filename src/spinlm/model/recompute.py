@@ -76,7 +76,10 @@ def apply_activation_checkpointing(model: nn.Module, granularity: str | None, me
     if granularity == "selective":
         kwargs["context_fn"] = _selective_contexts
     try:
-        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5.25 (e.g. 5.19, vLLM's pin) names it gradient checkpointing
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     except (AttributeError, ValueError) as e:
         raise ConfigError(f"config: {_GRANULARITY_KEY}={granularity}: this model does not support activation "
                           f"checkpointing ({type(inner).__name__}); set it to null") from e
