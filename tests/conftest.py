@@ -109,9 +109,7 @@ def sigterm_at_step(trainer, step: int, monkeypatch) -> None:
 
 def crash_at_step(trainer, step: int, monkeypatch) -> None:
     """`trainer.fit()` until it is about to train step `step + 1`, then a crash (as a killed run)."""
-    from spinlm.algorithms.spin import SPINTrainer
-
-    real_step = SPINTrainer.train_single_step
+    real_step = type(trainer).train_single_step
 
     def crash(self, batch):
         if self.step == step:
@@ -119,6 +117,6 @@ def crash_at_step(trainer, step: int, monkeypatch) -> None:
         return real_step(self, batch)
 
     with monkeypatch.context() as patched:
-        patched.setattr(SPINTrainer, "train_single_step", crash)
+        patched.setattr(type(trainer), "train_single_step", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             trainer.fit()

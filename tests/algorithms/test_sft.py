@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import crash_at_step
 from test_spin import cfg_factory, params_vector  # noqa: F401 (fixture)
 
 from spinlm.algorithms import spin as spin_module
@@ -63,17 +64,7 @@ def test_loss_on_every_assistant_turn(cfg_factory, tokenizer):
 def test_sft_resumes_bitwise(cfg_factory, monkeypatch):
     full = run(cfg_factory(*SFT, "trainer.spin.save_interval=1", run_name="full"), sft=True)
     cfg = cfg_factory(*SFT, "trainer.spin.save_interval=1", run_name="crashy")
-    real = SFTTrainer.train_single_step
-
-    def crash(self, batch):
-        if self.step == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, batch)
-
-    monkeypatch.setattr(SFTTrainer, "train_single_step", crash)
-    with pytest.raises(RuntimeError):
-        run(cfg, sft=True)
-    monkeypatch.setattr(SFTTrainer, "train_single_step", real)
+    crash_at_step(build_trainer(cfg, sft=True), 3, monkeypatch)
     resumed = build_trainer(cfg, sft=True)
     assert resumed.step == 3
     resumed.fit()

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import crash_at_step
 from test_spin import cfg_factory, params_vector  # noqa: F401 (a fixture)
 
 from transformers import AutoConfig
@@ -54,23 +55,11 @@ def test_activation_checkpointing_run_equals_a_run_without(cfg_factory):
 
 def test_bf16_resume_after_crash_is_bitwise(cfg_factory, monkeypatch):
     """The optimizer's fp32 moments and master low bits survive a checkpoint; bf16 weights, the bf16 reference."""
-    from spinlm.algorithms.spin import SPINTrainer
-
     overrides = ("trainer.precision=bf16", "model.activations_checkpoint_granularity=full", "trainer.spin.max_epochs=1",
                  "model.global_batch_size=2", "model.micro_batch_size=1")  # 4 steps, a refresh after step 2
     full = build_trainer(cfg_factory(*overrides, run_name="full"))
     full.fit()
-    real_step = SPINTrainer.train_single_step
-
-    def crash(self, batch):
-        if self.step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(self, batch)
-
-    monkeypatch.setattr(SPINTrainer, "train_single_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        build_trainer(cfg_factory(*overrides, run_name="crashy")).fit()
-    monkeypatch.setattr(SPINTrainer, "train_single_step", real_step)
+    crash_at_step(build_trainer(cfg_factory(*overrides, run_name="crashy")), 3, monkeypatch)
     resumed = build_trainer(cfg_factory(*overrides, run_name="crashy"))
     assert resumed.step == 2
     resumed.fit()
