@@ -79,22 +79,27 @@ def test_held_out_evaluator_writes_answers_and_metrics(setup, tmp_path):
 
 
 # ----- in the trainer -------------------------------------------------------------------
-def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, tiny_model_dir, setup):
+def heldout_config(paths, model_dir, run_dir, *extra):
     from spinlm.config import load_config
-    from spinlm.train import run
 
-    paths = setup[4]
-    run_dir = tmp_path / "run"
-    cfg = load_config([
-        f"pretrained_checkpoint.restore_from_path={tiny_model_dir}",
+    return load_config([
+        f"pretrained_checkpoint.restore_from_path={model_dir}",
         f"model.data.train_ds.file_path={paths['train']}", f"model.data.validation_ds.file_path={paths['validation']}",
         f"model.data.test_ds.file_path={paths['test']}", f"exp_manager.explicit_log_dir={run_dir}",
         "trainer.precision=32", "trainer.spin.max_iterations=2", "trainer.spin.save_interval=1",
         "trainer.spin.eval_max_new_tokens=6", "model.global_batch_size=2", "model.micro_batch_size=1",
         "model.encoder_seq_length=256", "model.spin.length_params.max_length=8", "model.optim.lr=1e-2",
         "exp_manager.checkpoint_callback_params.save_top_k=10", "exp_manager.name=heldout_run",
-        "exp_manager.checkpoint_callback_params.monitor=eval_sft_loss",
+        "exp_manager.checkpoint_callback_params.monitor=eval_sft_loss", *extra,
     ])
+
+
+def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, tiny_model_dir, setup):
+    from spinlm.train import run
+
+    paths = setup[4]
+    run_dir = tmp_path / "run"
+    cfg = heldout_config(paths, tiny_model_dir, run_dir)
     run(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy" in r]
@@ -126,3 +131,16 @@ def test_trainer_evaluates_before_training_and_after_each_iteration(tmp_path, ti
     Checkpointer(run_dir / "checkpoints", keep_last=1, monitor="eval_sft_loss", mode="min")._prune()
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == sorted(
         {"step_000004", min(ranked, key=ranked.get)})
+
+
+def test_spinlm_sft_evaluates_held_out_like_spin(tmp_path, tiny_model_dir, setup):
+    """`spinlm sft` (no reference) evaluates the start model and each block's policy, as SPIN does."""
+    from spinlm.train import run
+
+    run_dir = tmp_path / "sft"
+    run(heldout_config(setup[4], tiny_model_dir, run_dir, "trainer.spin.save_interval=100"), sft=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [(r["step"], r["eval/iteration"]) for r in evals] == [(0, 0), (2, 1), (4, 2)]
+    assert len({r["eval/sft_loss"] for r in evals}) == 3
+    assert evals[-1]["eval/sft_loss"] < evals[0]["eval/sft_loss"]  # the policy trained in between (lr 1e-2)

@@ -7,6 +7,7 @@ reference's ("generated") one; at the end of the iteration the reference becomes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable, Iterator
