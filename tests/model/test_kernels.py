@@ -64,3 +64,20 @@ def test_modes_on_a_model(tokenizer):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="cpu_linear_kernel"):
         use_onednn_linears(model, "mkl")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_loaded_models_give_the_lm_head_a_contiguous_input(tiny_model_dir, tokenizer, dtype):
+    """Decoding's last-position logits (logits_to_keep=1) slice the hidden states; a strided bf16 input makes
+    PyTorch's CPU matmul expand the head's weight per row (hundreds of MiB on a real vocabulary)."""
+    from spinlm.model.loading import load_model
+
+    model = load_model(tiny_model_dir, tokenizer, dtype)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, len(tokenizer), (3, 7))
+    with torch.no_grad():
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        full = model(input_ids=ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=0, rtol=0)

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from spinlm.errors import ConfigError
-from spinlm.model.kernels import use_onednn_linears
+from spinlm.model.kernels import contiguous_head_input, use_onednn_linears
 
 CONFIG_KEY = "pretrained_checkpoint.restore_from_path"
 TRUST_KEY = "pretrained_checkpoint.trust_remote_code"
@@ -84,6 +84,7 @@ def adopt_model(
     _drop_gguf_quantizer(model)
     _ensure_pad_token(model, tokenizer)
     use_onednn_linears(model, cpu_linear_kernel)
+    contiguous_head_input(model)
     return model
 
 
@@ -99,6 +100,7 @@ def load_model_skeleton(
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     _ensure_pad_token(model, tokenizer)
     use_onednn_linears(model, cpu_linear_kernel)
+    contiguous_head_input(model)
     return model
 
 
