@@ -5,21 +5,25 @@
     python benchmarks/memory_bench.py --quick                                                          # 28M, minutes
 
 Workload (the same on every side): a random Llama-style model built here and saved once to the cache
-(0.31B parameters: hidden 1024, 16 layers, MHA, SwiGLU 2816, untied 49,152-token embeddings; SmolLM2's
-tokenizer, which `spinlm prepare-model` writes), the first 16 prompts of the bundled task; one SPIN iteration:
+in bf16, the dtype released checkpoints ship in (0.31B parameters: hidden 1024, 16 layers, MHA, SwiGLU 2816,
+untied 49,152-token embeddings; SmolLM2's tokenizer, which `spinlm prepare-model` writes), the first 16 prompts of the bundled task; one SPIN iteration:
 generation of every answer (sampling, 32 new tokens, all prompts in one batch), reference log-probs, then
 one optimizer step per global batch of 8 pairs in micro batches of 4.
 
 Figure: (peak RSS - RSS before the model loads) / parameters. Every mode runs alone in a fresh subprocess,
 one after the other (never two at once: the machine is shared). Each phase's peak (load, generation, train)
-comes from VmHWM, reset when the phase starts (/proc/self/clear_refs). For spinlm modes the run's own memory
-estimate (spinlm.model.memory) is recorded next to the measurement.
+comes from VmHWM, reset when the phase starts (/proc/self/clear_refs). RSS counts the pages of the weights
+file a process maps, as long as they are mapped: a bf16 model read from a bf16 file can use those pages as its
+weights (transformers does so: no copy), a model cast from another dtype holds its copy and, while loading, the
+file's pages. For spinlm modes the run's own memory estimate (spinlm.model.memory) is recorded next to the
+measurement.
 
 Modes:
 - `fp32`: trainer.precision=32 (policy, reference, gradients and AdamW in fp32)
 - `bf16`: trainer.precision=bf16 (bf16 weights and gradients; AdamW with fp32 moments and master low bits)
 - `bf16_ckpt`: bf16 + model.activations_checkpoint_granularity=full
 - `lora`: LoRA r=16 on a bf16 base (measured only where this spinlm has model.peft)
+- `lora_ckpt`: lora + model.activations_checkpoint_granularity=full
 - `trl_fp32`: HF generate + TRL DPOTrainer, policy and a separately loaded reference, fp32
 - `trl_lora`: TRL DPOTrainer with peft (ref_model=None: the reference is the policy with adapters disabled),
   LoRA r=16 on a bf16 base, bf16 autocast
@@ -62,6 +66,7 @@ SPINLM_MODES = {
     "lora": ["trainer.precision=bf16", "model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=16",
              "model.peft.lora_tuning.alpha=16", "model.peft.lora_tuning.target_modules=[all]"],  # TRL's: all-linear
 }
+SPINLM_MODES["lora_ckpt"] = [*SPINLM_MODES["lora"], "model.activations_checkpoint_granularity=full"]
 TRL_MODES = ("trl_fp32", "trl_lora")
 TARGETS = "| `lora` | <= 3.0 B/param |\n| `bf16_ckpt` | <= 0.5x `fp32` |\n| spinlm `fp32` | <= 0.6x TRL `fp32` |\n" \
           "| spinlm `lora` | <= 0.8x TRL `lora` |"
@@ -86,12 +91,12 @@ def phase(peaks: dict, name: str, baseline: int):
 
 # ----- inputs -----------------------------------------------------------------------------------------
 def prepare_model(kind: str) -> Path:
-    """The random model + SmolLM2's tokenizer as a Hugging Face directory, built once."""
+    """The random model (bf16) + SmolLM2's tokenizer as a Hugging Face directory, built once."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from spinlm.model.prepare import prepare_model as prepare_smollm2
 
-    out = CACHE / f"memory-llama-{kind}"
+    out = CACHE / f"memory-llama-{kind}-bf16"
     if (out / "config.json").is_file():
         return out
     tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
@@ -99,7 +104,7 @@ def prepare_model(kind: str) -> Path:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **MODELS[kind])
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -131,19 +136,13 @@ def spinlm_config(model_dir: Path, data: Path, run_dir: Path, w: dict, *extra: s
 
 def run_spinlm(mode: str, model_dir: Path, data: Path) -> dict:
     from spinlm.model import memory
-    from spinlm.model.loading import load_model_config
-    from spinlm.model.precision import precision_of
     from spinlm.preflight import prepare
     from spinlm.train import build_trainer
 
     cfg = spinlm_config(model_dir, data, Path(tempfile.mkdtemp()), WORKLOAD, "exp_manager.resume_if_exists=false",
                         *SPINLM_MODES[mode])
     prep = prepare(cfg)  # tokenizer and data once before the baseline (heap build_trainer's copies reuse)
-    estimate = memory.estimate(
-        load_model_config(model_dir), precision_of(cfg.trainer.precision), "single", 1,
-        memory.workload_of(cfg, prep.train.samples),
-        (cfg.model.activations_checkpoint_granularity, cfg.model.activations_checkpoint_method,
-         cfg.model.activations_checkpoint_num_layers))
+    estimate = memory.estimate_run(cfg, prep.train.samples, "single", 1)  # the line the run prints at start
     del prep
     gc.collect()
     peaks: dict[str, int] = {}
@@ -226,7 +225,7 @@ PAPER_MODELS = {  # Llama-2's shapes
 PAPER_MODES = {  # label: (trainer.precision, recomputation, LoRA rank, the benchmark's mode measuring it)
     "32": ("32", None, None, "fp32"), "bf16-mixed": ("bf16-mixed", None, None, None), "bf16": ("bf16", None, None, "bf16"),
     "bf16 + full recompute": ("bf16", "full", None, "bf16_ckpt"), "LoRA r=16, bf16 base": ("bf16", None, 16, "lora"),
-    "LoRA r=16, bf16 base + full recompute": ("bf16", "full", 16, None),
+    "LoRA r=16, bf16 base + full recompute": ("bf16", "full", 16, "lora_ckpt"),
 }
 # a SPIN run at scale: 2048-token sequences (prompt <= 1536), 512 new tokens, micro batch 1, 16 prompts per rollout batch
 PAPER_WORK = dict(micro_batch_size=1, row_tokens=2048 + 512, answer_tokens=512, mean_answer_tokens=256, rollout_batch=16,
@@ -326,7 +325,7 @@ def summarize(results: dict, params: int, meta: dict) -> dict:
     b, t = out["bytes_per_param"], out["trl_bytes_per_param"]
     ratio = lambda x, y: None if x is None or y is None else x / y  # noqa: E731
     out["targets"] = {
-        "lora_bytes_per_param": b["lora"], "bf16_ckpt_over_fp32": ratio(b["bf16_ckpt"], b["fp32"]),
+        "lora_bytes_per_param": b["lora"], "lora_ckpt_bytes_per_param": b["lora_ckpt"], "bf16_ckpt_over_fp32": ratio(b["bf16_ckpt"], b["fp32"]),
         "fp32_over_trl_fp32": ratio(b["fp32"], t["fp32"]), "lora_over_trl_lora": ratio(b["lora"], t["lora"]),
     }
     out["estimate_over_measured"] = {m: e / max(results[m]["peaks"].values())
@@ -363,6 +362,7 @@ def markdown(r: dict) -> str:
     t = r["targets"]
     lines += ["", "Targets:", "", "| target | measured |", "|---|---:|",
               f"| `lora` <= 3.0 B/param | {fmt(t['lora_bytes_per_param'])} |",
+              f"| `lora_ckpt` (lora + recomputation) <= 3.0 B/param | {fmt(t['lora_ckpt_bytes_per_param'])} |",
               f"| `bf16_ckpt` <= 0.5x `fp32` | {fmt(t['bf16_ckpt_over_fp32'], '{:.3f}x')} |",
               f"| spinlm `fp32` <= 0.6x TRL `fp32` | {fmt(t['fp32_over_trl_fp32'], '{:.3f}x')} |",
               f"| spinlm `lora` <= 0.8x TRL `lora` | {fmt(t['lora_over_trl_lora'], '{:.3f}x')} |", ""]
@@ -397,9 +397,9 @@ def main(argv=None) -> int:
     (work / "spec.json").write_text(json.dumps({"model": str(model), "data": str(data), "threads": args.threads}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     modes = [m for m in args.modes.split(",") if m]
-    if "lora" in modes and not spinlm_has_lora():
+    if not spinlm_has_lora():
         print("[memory_bench] lora: this spinlm has no model.peft keys; not measured", flush=True)
-        modes.remove("lora")
+        modes = [m for m in modes if not m.startswith("lora")]
     results = json.loads(Path(args.merge).read_text())["results"] if args.merge else {}
     for mode in modes:
         wait_for_memory(int(params * 24))

@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_bench.py"
 
 @pytest.mark.slow
 def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path):
-    modes = ["fp32", "bf16", "bf16_ckpt"] + (["lora"] if "peft" in load_config([]).model else [])
+    modes = ["fp32", "bf16", "bf16_ckpt"] + (["lora", "lora_ckpt"] if "peft" in load_config([]).model else [])
     if "lora" in modes:
         pytest.importorskip("peft")
     out = tmp_path / "memory.json"

@@ -251,19 +251,25 @@ def _keys_to_lower(cfg) -> str:
     return "to fit, set " + "; ".join(k for k in keys if k)
 
 
-def report(cfg, samples: list[dict], strategy: str, world_size: int, device: torch.device,
-           model_config: PretrainedConfig | None = None) -> MemoryEstimate:
-    """Estimate `cfg`'s run before its weights load (`model_config`: a model in memory's, else read from
-    pretrained_checkpoint): one log line; on CUDA, a ConfigError when it cannot fit."""
+def estimate_run(cfg, samples: list[dict], strategy: str, world_size: int,
+                 model_config: PretrainedConfig | None = None) -> MemoryEstimate:
+    """`estimate` of the run `cfg` describes: its precision, recomputation keys, LoRA adapters and data."""
     m = cfg.model
     trust = bool(cfg.pretrained_checkpoint.trust_remote_code)
     config = model_config or load_model_config(cfg.pretrained_checkpoint.restore_from_path, trust)
     settings = lora.LoraSettings.from_config(m)
     adapters = None if settings is None else (settings.rank, lora.resolve_targets(meta_model(config, trust),
                                                                                    settings.targets))
-    est = estimate(config, precision_of(cfg.trainer.precision), strategy, world_size, workload_of(cfg, samples),
-                   (m.activations_checkpoint_granularity, m.activations_checkpoint_method,
-                    m.activations_checkpoint_num_layers), trust, lora=adapters)
+    return estimate(config, precision_of(cfg.trainer.precision), strategy, world_size, workload_of(cfg, samples),
+                    (m.activations_checkpoint_granularity, m.activations_checkpoint_method,
+                     m.activations_checkpoint_num_layers), trust, lora=adapters)
+
+
+def report(cfg, samples: list[dict], strategy: str, world_size: int, device: torch.device,
+           model_config: PretrainedConfig | None = None) -> MemoryEstimate:
+    """Estimate `cfg`'s run before its weights load (`model_config`: a model in memory's, else read from
+    pretrained_checkpoint): one log line; on CUDA, a ConfigError when it cannot fit."""
+    est = estimate_run(cfg, samples, strategy, world_size, model_config)
     if info().is_main:
         log.info("%s", est.line())
     check_fits(est, device, _keys_to_lower(cfg))
