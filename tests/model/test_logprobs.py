@@ -95,3 +95,25 @@ def test_answer_logprob_sums_match_the_full_head_with_a_graph(model):
     got.sum().backward()
     assert next(model.parameters()).grad is not None
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_logprobs_equal_log_softmax_values_and_gradients(dtype):
+    """The chunked function (no float32 copy of the logits kept) against log_softmax of the upcast logits,
+    with a row that predicts two targets (packed pairs: both answers' first token from the prompt's end)."""
+    from spinlm.model.logprobs import target_logprobs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 300) * 4).to(dtype)
+    rows, targets = torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 6]), torch.randint(0, 300, (9,))
+    weights = torch.randn(9)
+    got_x, want_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = target_logprobs(got_x, rows, targets, chunk=3)
+    want = torch.log_softmax(want_x.float(), dim=-1)[rows, targets]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert got_x.grad.dtype == dtype
+    torch.testing.assert_close(got_x.grad, want_x.grad, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    with torch.no_grad():  # reference log-probs: no graph
+        torch.testing.assert_close(target_logprobs(logits, rows, targets, chunk=3), want.detach())

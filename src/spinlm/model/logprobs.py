@@ -51,6 +51,46 @@ def gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return target_logits - torch.logsumexp(logits, dim=-1)
 
 
+class _TargetLogprobs(torch.autograd.Function):
+    """log_softmax(logits)[rows, targets] in float32, never holding a float32 copy of all the logits.
+
+    The float32 upcast and the softmax are made `chunk` rows at a time, in the forward and again in the
+    backward; what the graph keeps is the logits as they came (bf16 under bf16) and one logsumexp per
+    row. A plain `log_softmax(logits.float())[rows, targets]` keeps a float32 (K, V) output for its
+    backward and builds two more float32 (K, V) tensors in it: on a 49k vocabulary, 290 kept positions
+    cost ~55 MiB each (a 7B run's 1k answer tokens x 128k vocabulary: 0.5 GiB each)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], chunk):
+            lse[s:s + chunk] = torch.logsumexp(logits[s:s + chunk].float(), dim=-1)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.chunk = chunk
+        return logits[rows, targets].float() - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, rows, targets, lse = ctx.saved_tensors
+        # d out_k / d logits[r] = onehot(target_k) - softmax(logits[r]) for r = rows[k]
+        per_row = torch.zeros_like(lse).index_add_(0, rows, grad.float())
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            probs = logits[s:s + ctx.chunk].to(torch.float32, copy=True).sub_(lse[s:s + ctx.chunk, None]).exp_()
+            out[s:s + ctx.chunk] = probs.mul_(-per_row[s:s + ctx.chunk, None])
+        out.index_put_((rows, targets), grad.to(out.dtype), accumulate=True)
+        return out, None, None, None
+
+
+def target_logprobs(logits: Tensor, rows: Tensor, targets: Tensor, chunk: int = 16) -> Tensor:
+    """(T,) float32 log_softmax(logits[rows[t]])[targets[t]] of (K, V) logits, with a graph that keeps no
+    float32 copy of them (`_TargetLogprobs`); rows may repeat (two answers predicted from one position)."""
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        lse = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in logits.split(chunk)])
+        return logits[rows, targets].float() - lse[rows]
+    return _TargetLogprobs.apply(logits, rows, targets, chunk)
+
+
 def masked_sum_logprobs(
     model: nn.Module, input_ids: Tensor, masks: Tensor, micro_batch_size: int | None = None
 ) -> Tensor:
@@ -77,9 +117,9 @@ def answer_logprob_sums(model: nn.Module, input_ids: Tensor, masks: Tensor) -> T
     keep = torch.zeros_like(masks, dtype=torch.bool)
     keep[:, :-1] = masks[:, 1:].bool()  # position j predicts token j + 1
     logits = masked_logits(model, keep, input_ids=input_ids, use_cache=False)
-    logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept, V), row-major
+    logits = logits.reshape(-1, logits.shape[-1])  # (kept, V), row-major
     targets = input_ids[:, 1:][keep[:, :-1]]
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    token_logps = target_logprobs(logits, torch.arange(len(targets), device=logits.device), targets)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)[keep]
     return torch.zeros(input_ids.shape[0], device=logits.device).index_add(0, rows, token_logps)
 

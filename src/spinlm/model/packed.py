@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from spinlm.model.loading import unwrap
-from spinlm.model.logprobs import masked_logits
+from spinlm.model.logprobs import masked_logits, target_logprobs
 
 _MASKED_ATTENTION = ("sdpa", "eager")
 
@@ -115,10 +115,8 @@ def packed_pair_logprobs(model: nn.Module, packed: PackedPairs) -> tuple[Tensor,
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
     logits = masked_logits(model, packed.keep.to(device), input_ids=packed.input_ids.to(device),
                            position_ids=packed.position_ids.to(device), attention_mask=mask, use_cache=False)
-    logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept, V)
-    source, target = packed.source.to(device), packed.target.to(device)
-    # log_softmax, not gather - logsumexp: its fused backward is ~2x faster on a (kept, V) matrix
-    token_logps = torch.log_softmax(logits, dim=-1)[source, target]
+    logits = logits.reshape(-1, logits.shape[-1])  # (kept, V)
+    token_logps = target_logprobs(logits, packed.source.to(device), packed.target.to(device))
     sums = torch.zeros(2 * packed.num_pairs, dtype=torch.float32, device=device)
     sums = sums.index_add(0, packed.owner.to(device), token_logps)
     return sums[: packed.num_pairs], sums[packed.num_pairs :]
