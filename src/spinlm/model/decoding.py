@@ -391,7 +391,7 @@ def _score_answers(model, cache, cache_kw, first_logits: Tensor, attn: Tensor, a
         sub_attn = attn[rows]
         pos = sub_attn.sum(-1, keepdim=True) + torch.arange(longest, device=device)
         logits = masked_logits(model, mask.bool(), input_ids=inp, attention_mask=torch.cat([sub_attn, mask], dim=1),
-                               position_ids=pos, use_cache=True, **{cache_kw: sub}).float()
+                               position_ids=pos, use_cache=True, **{cache_kw: sub})
         targets = torch.cat([torch.tensor(list(answers[r][1:]), dtype=torch.long) for r in chunk]).to(device)
         token_logps = gather_logprobs(logits, targets)
         owner = torch.cat([torch.full((len(answers[r]) - 1,), r, dtype=torch.long) for r in chunk]).to(device)

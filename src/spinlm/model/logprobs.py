@@ -41,14 +41,11 @@ def token_logprobs(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 def gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log_softmax at the targets only, as target logit - logsumexp, in float32.
-
-    Avoids materialising a second (B, L, V) log_softmax tensor; only the float32 upcast of the
-    logits is allocated when the model runs in lower precision.
-    """
-    logits = logits.float()
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return target_logits - torch.logsumexp(logits, dim=-1)
+    """log_softmax at the targets only, in float32: (..., V) logits, (...) targets (`target_logprobs`: the
+    float32 upcast a few rows at a time, no (..., V) log_softmax tensor)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    return target_logprobs(flat, rows, targets.reshape(-1)).reshape(targets.shape)
 
 
 class _TargetLogprobs(torch.autograd.Function):
