@@ -89,6 +89,10 @@ QUICK = Plan(task={"train": 48, "validation": 16, "test": 16}, sft_conversations
 # the recipe's lr and beta, the paper's k = 2, Alami et al.'s p = 0.5; not tuned
 SETTINGS = {"model.optim.lr": 2e-5, "model.spin.ref_policy_kl_penalty": 0.1,
             "model.spin.mix_iterations": 2, "model.spin.opponent_mix_prob": 0.5, "model.spin.opponent_history": 3}
+# one more setting, after every arm lost accuracy in its first 4 steps from the SFT model at 2e-5 (seed 0):
+# SPIN and continued SFT both at a 4x lower lr, seed 0 only (chosen before seeing its results; not tuned)
+LOW_LR = 5e-6
+VARIANT_ARMS = ("spin-low-lr", "sft-low-lr")
 SFT_STAGE = ["model.optim.lr=2e-5", "trainer.spin.max_iterations=1", "trainer.spin.limit_train_batches=-1",
              "trainer.spin.val_check_interval=1.0", "trainer.spin.limit_val_batches=6",
              "trainer.spin.save_interval=100000", "model.sft.loss_turns=all", "model.sft.early_stopping_patience=1",
@@ -108,6 +112,9 @@ def arms(plan: Plan) -> dict[str, tuple[str, list[str]]]:
                                                 "opponent_history": SETTINGS["model.spin.opponent_history"]})),
         "sft": ("sft", [f"model.optim.lr={SFT_STAGE[0].split('=')[1]}", f"trainer.spin.max_iterations={plan.sft_blocks}",
                         "model.sft.loss_turns=final", *keys(plain)]),
+        "spin-low-lr": ("train", [f"model.optim.lr={LOW_LR}", *spin[1:], *keys(plain)]),
+        "sft-low-lr": ("sft", [f"model.optim.lr={LOW_LR}", f"trainer.spin.max_iterations={plan.iterations}",
+                               "model.sft.loss_turns=final", *keys(plain)]),
     }
 
 
@@ -219,14 +226,22 @@ def order(plan: Plan) -> list[tuple[str, int]]:
     first, rest = plan.seeds[0], plan.seeds[1:]
     return ([(name, first) for name in ("spin", "sft", "spin-mix", "spin-opponent")]
             + [(name, seed) for seed in rest for name in ("spin", "sft")]
-            + [(name, seed) for seed in rest for name in ("spin-mix", "spin-opponent")])
+            + [(name, seed) for seed in rest for name in ("spin-mix", "spin-opponent")]
+            + [(name, first) for name in VARIANT_ARMS])
 
 
-def study(runs: Path, plan: Plan, deadline: float | None = None) -> None:
+def seeds_of(name: str, plan: Plan) -> tuple:
+    """The seeds an arm runs: all of them, the lower-lr variant seed 0 only."""
+    return plan.seeds[:1] if name in VARIANT_ARMS else plan.seeds
+
+
+def study(runs: Path, plan: Plan, deadline: float | None = None, only: list[str] | None = None) -> None:
     data = prepare(runs, plan)
     start = sft_model(runs, data, plan, deadline)
     print("(b, c) SPIN arms and continued SFT from the SFT model", flush=True)
     for name, seed in order(plan):
+        if only and name not in only:
+            continue
         command, overrides = arms(plan)[name]
         base = arm_overrides(start, data, data["held_out"], seed, plan)
         if command == "sft":  # its own block count
@@ -258,7 +273,7 @@ def collect(runs: Path, plan: Plan) -> dict:
                                     "arms": {k: v[1] for k, v in arms(plan).items()}},
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     for name in arms(plan):
-        found = {seed: runs / f"{name}-seed{seed}" for seed in plan.seeds}
+        found = {seed: runs / f"{name}-seed{seed}" for seed in seeds_of(name, plan)}
         out["arms"][name] = {seed: read_run(d) for seed, d in found.items() if (d / "metrics.jsonl").is_file()}
         out["arms"][name] = {seed: r for seed, r in out["arms"][name].items() if r["points"]}
     sft_rows = [json.loads(x) for x in (runs / "sft-model" / "metrics.jsonl").read_text().splitlines()]
@@ -292,7 +307,7 @@ def tables(results: dict, plan: Plan) -> tuple[str, dict]:
     """The markdown tables and the targets (met / missed, with numbers)."""
     arms_ = results["arms"]
     sft = arms_.get("sft", {})
-    spin_names = [n for n in arms_ if n != "sft" and arms_[n]]
+    spin_names = [n for n in arms_ if n != "sft" and n not in VARIANT_ARMS and arms_[n]]
     lines = ["### Held-out accuracy (%) and SFT loss after each SPIN iteration: mean (min-max) of the seeds", "",
              "Each arm beside continued SFT at the same optimizer steps (n = seeds that reached that point).", "",
              "| arm | iteration | steps | n | acc % | SFT loss | continued SFT, same steps: n | acc % | SFT loss |",
@@ -336,6 +351,19 @@ def tables(results: dict, plan: Plan) -> tuple[str, dict]:
             if sft_steps:
                 lines.append(f"| {n} | {it} | {len(spin_s)} | {mean(spin_s):.0f} | {spread(spin_acc)} | "
                              f"{'>= ' if ran_out else ''}{min(sft_steps)}-{max(sft_steps)} | {spread(sft_acc)} |")
+    lines += ["", f"### A lower learning rate: SPIN and continued SFT at lr {LOW_LR:g} (seed 0), beside lr 2e-05", "",
+              "| optimizer steps | SPIN iteration | SPIN acc % / SFT loss | continued SFT acc % / SFT loss | "
+              "at lr 2e-05: SPIN | continued SFT |", "|---|---|---|---|---|---|"]
+    cell = lambda p: f"{100 * p['accuracy']:.0f} / {p['sft_loss']:.4f}" if p else "-"  # noqa: E731
+    low_spin, low_sft = arms_.get("spin-low-lr", {}).get(0), arms_.get("sft-low-lr", {}).get(0)
+    for it in range(plan.iterations + 1):
+        p = at(low_spin, it) if low_spin else None
+        if p is None:
+            continue
+        q = at(low_sft, step=p["step"]) if low_sft else None
+        base_spin = at(arms_["spin"][0], it) if 0 in arms_.get("spin", {}) else None
+        base_sft = at(sft[0], step=p["step"]) if 0 in sft else None
+        lines.append(f"| {p['step']} | {it} | {cell(p)} | {cell(q)} | {cell(base_spin)} | {cell(base_sft)} |")
     return "\n".join(lines), targets(results, spin_names, plan)
 
 
@@ -381,6 +409,8 @@ def skills(results: dict, plan: Plan) -> str:
     names = sorted(set(first["skills"]))
     cols = [("SFT model", [r["points"][0] for a in arms_.values() for r in a.values()][:1])]
     for n, runs_ in arms_.items():
+        if n in VARIANT_ARMS:
+            continue
         if n == "sft":
             steps = plan.iterations * plan.block
             cols.append((f"continued SFT @{steps} steps", sft_at_steps(results, steps)))
@@ -448,7 +478,7 @@ def report(runs: Path, plan: Plan, out: Path) -> None:
     results = collect(runs, plan)
     table, results["targets"] = tables(results, plan)
     sft_model = results["sft_model"]
-    unfinished = [f"{n} seed {seed}" for n, runs_ in results["arms"].items() for seed in plan.seeds
+    unfinished = [f"{n} seed {seed}" for n, runs_ in results["arms"].items() for seed in seeds_of(n, plan)
                   if seed not in runs_ or not runs_[seed]["finished"]]
     md = ["# Quality study: SPIN vs continued SFT (`python benchmarks/quality.py`)", "",
           f"SFT model: `spinlm sft` for {sft_model['steps']} steps, val/loss per epoch "
@@ -486,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, to check the pipeline")
+    parser.add_argument("--arms", nargs="+", default=None, choices=[*arms(Plan())],
+                        help="run only these arms (a second worker on the rest; the report covers all)")
     parser.add_argument("--deadline", default=None, help="HH:MM (local clock): stop the run in progress then "
                         "(it saves; the same command resumes it) and report what has finished")
     args = parser.parse_args(argv)
@@ -496,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         args.runs, args.out = ROOT / "runs" / "quality-quick", ROOT / "runs" / "quality-quick" / "quality"
     if not args.report:
         try:
-            study(args.runs, plan, at_clock(args.deadline) if args.deadline else None)
+            study(args.runs, plan, at_clock(args.deadline) if args.deadline else None, args.arms)
         except OutOfTime as stopped:
             print(f"deadline {args.deadline} reached during or before: {stopped}; reporting what has finished",
                   flush=True)
