@@ -1,7 +1,7 @@
 """Peak memory of one SPIN iteration in each precision mode, side by side with TRL's DPOTrainer, per parameter.
 
     pip install -e '.[bench]'   # trl and peft, for the baseline only
-    python benchmarks/memory_bench.py --out benchmarks/memory.json --markdown benchmarks/MEMORY.md   # 0.3B, ~1 h on 2 busy cores
+    python benchmarks/memory_bench.py --out benchmarks/memory.json --markdown benchmarks/MEMORY.md   # 0.3B, ~30 min on 2 busy cores
     python benchmarks/memory_bench.py --quick                                                          # 28M, minutes
 
 Workload (the same on every side): a random Llama-style model built here and saved once to the cache
