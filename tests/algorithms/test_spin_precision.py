@@ -1,5 +1,6 @@
 """A bf16 / bf16-mixed SPIN run on the tiny model: first-step loss, weights, optimizer, activation checkpointing."""
 
+import importlib.util
 import json
 import math
 
@@ -73,10 +74,15 @@ def test_bf16_resume_after_crash_is_bitwise(cfg_factory, monkeypatch):
 
 
 # ----- FSDP2 ---------------------------------------------------------------------------------------------
-FSDP_RUNS = {  # precision, recomputation -> loss tolerance against one process
-    "bf16-mixed": ("model.activations_checkpoint_granularity=full", 1e-5),  # fp32 gradients: float32 ulps
-    "bf16": ("model.activations_checkpoint_granularity=selective", 2e-3),  # bf16 gradients reduce-scatter in bf16
+LORA_ON_BF16 = ("trainer.precision=bf16", "model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
+                "model.peft.lora_tuning.alpha=8", "model.peft.lora_tuning.target_modules=all")
+FSDP_RUNS = {  # name: overrides (precision, recomputation, LoRA), loss tolerance against one process
+    "bf16-mixed": (("trainer.precision=bf16-mixed", "model.activations_checkpoint_granularity=full"), 1e-5),  # fp32 grads
+    "bf16": (("trainer.precision=bf16", "model.activations_checkpoint_granularity=selective"), 2e-3),  # bf16 grads
+    "bf16+lora": (LORA_ON_BF16, 2e-3),  # the bf16 base is the reference; merged at step 2
 }
+if importlib.util.find_spec("peft") is None:
+    del FSDP_RUNS["bf16+lora"]
 SHORT = ("trainer.spin.max_epochs=1", "model.global_batch_size=2", "model.micro_batch_size=1",
          "model.spin.sampling_params.use_greedy=true")
 
@@ -97,32 +103,32 @@ def _fsdp_runs(rank, base, model_dir, files):
     from test_spin import make_cfg
 
     out = {}
-    for precision, (ckpt, _) in FSDP_RUNS.items():
-        cfg = make_cfg(f"{base}/{precision}", model_dir, files, f"trainer.precision={precision}", ckpt, *SHORT,
-                       "trainer.strategy=fsdp")
+    for name, (overrides, _) in FSDP_RUNS.items():
+        cfg = make_cfg(f"{base}/{name}", model_dir, files, *overrides, *SHORT, "trainer.strategy=fsdp")
         trainer = build_trainer(cfg)
         trainer.fit()
         trainer.logger.close()
         rows = [json.loads(r) for r in (trainer.logger.run_dir / "metrics.jsonl").read_text().splitlines()]
-        out[precision] = [r["train/loss"] for r in rows if "train/loss" in r]
+        out[name] = [r["train/loss"] for r in rows if "train/loss" in r]
     return out
 
 
 def test_fsdp2_two_ranks_with_bf16_reference_and_recomputation_match_one_process(tmp_path, chat_files):
-    """A tied model (the mixed reference unties its LM head) sharded over 2 gloo ranks, refreshed at step 2."""
+    """A tied model (the mixed reference unties its LM head) sharded over 2 gloo ranks, refreshed at step 2;
+    and LoRA on a bf16 base (merged at step 2) over the same 2 ranks."""
     from spawn import run_ranks
     from test_spin import make_cfg
 
     model_dir = _tied_model_dir(tmp_path / "tied")
     ranks = run_ranks(_fsdp_runs, 2, tmp_path / "ranks", str(tmp_path / "fsdp"), str(model_dir), chat_files)
-    for precision, (ckpt, tol) in FSDP_RUNS.items():
-        single = build_trainer(make_cfg(tmp_path / precision, model_dir, chat_files, f"trainer.precision={precision}",
-                                        ckpt, *SHORT))
+    for name, (overrides, tol) in FSDP_RUNS.items():
+        single = build_trainer(make_cfg(tmp_path / name, model_dir, chat_files, *overrides, *SHORT))
         single.fit()
         rows = [json.loads(r) for r in (single.logger.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
         assert len(losses) == 4
-        assert ranks[0][precision] == pytest.approx(losses, abs=tol), precision
+        assert ranks[0][name] == pytest.approx(losses, abs=tol), name
+        assert max(losses) - min(losses) > 10 * tol, (name, losses)  # it trained: the losses moved
 
 
 def test_lora_on_a_bf16_base_merges_and_resets_the_exact_master(cfg_factory):
