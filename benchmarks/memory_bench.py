@@ -68,8 +68,6 @@ SPINLM_MODES = {
 }
 SPINLM_MODES["lora_ckpt"] = [*SPINLM_MODES["lora"], "model.activations_checkpoint_granularity=full"]
 TRL_MODES = ("trl_fp32", "trl_lora")
-TARGETS = "| `lora` | <= 3.0 B/param |\n| `bf16_ckpt` | <= 0.5x `fp32` |\n| spinlm `fp32` | <= 0.6x TRL `fp32` |\n" \
-          "| spinlm `lora` | <= 0.8x TRL `lora` |"
 
 
 # ----- memory of this process -----------------------------------------------------------------------

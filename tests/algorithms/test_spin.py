@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import crash_at_step
 
-from spinlm.algorithms import spin as spin_module
 from spinlm.algorithms.spin import SPINTrainer
 from spinlm.config import load_config
 from spinlm.model.generation import DecoderBackend, generate

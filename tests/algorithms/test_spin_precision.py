@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import crash_at_step
-from test_spin import cfg_factory, params_vector  # noqa: F401 (a fixture)
+from test_spin import LORA, cfg_factory, params_vector  # noqa: F401 (a fixture)
 
 from transformers import AutoConfig
 
@@ -74,12 +74,10 @@ def test_bf16_resume_after_crash_is_bitwise(cfg_factory, monkeypatch):
 
 
 # ----- FSDP2 ---------------------------------------------------------------------------------------------
-LORA_ON_BF16 = ("trainer.precision=bf16", "model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4",
-                "model.peft.lora_tuning.alpha=8", "model.peft.lora_tuning.target_modules=all")
 FSDP_RUNS = {  # name: overrides (precision, recomputation, LoRA), loss tolerance against one process
     "bf16-mixed": (("trainer.precision=bf16-mixed", "model.activations_checkpoint_granularity=full"), 1e-5),  # fp32 grads
     "bf16": (("trainer.precision=bf16", "model.activations_checkpoint_granularity=selective"), 2e-3),  # bf16 grads
-    "bf16+lora": (LORA_ON_BF16, 2e-3),  # the bf16 base is the reference; merged at step 2
+    "bf16+lora": (("trainer.precision=bf16", *LORA), 2e-3),  # the bf16 base is the reference; merged at step 2
 }
 if importlib.util.find_spec("peft") is None:
     del FSDP_RUNS["bf16+lora"]
@@ -135,7 +133,7 @@ def test_lora_on_a_bf16_base_merges_and_resets_the_exact_master(cfg_factory):
     """trainer.precision=bf16 + LoRA: a bf16 base (the reference, no copy), bf16 adapters under BF16AdamW whose
     master remainder is zeroed with the moments at each merge; each iteration opens at ln 2 (bf16 rounding)."""
     pytest.importorskip("peft")
-    from test_spin import LORA, read_metrics
+    from test_spin import read_metrics
 
     trainer = build_trainer(cfg_factory(*LORA, "trainer.precision=bf16", "trainer.spin.max_epochs=1",
                                         "model.global_batch_size=2", "model.micro_batch_size=1", run_name="lora"))

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from omegaconf import DictConfig

@@ -59,9 +59,7 @@ class _TargetLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, rows: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for s in range(0, logits.shape[0], chunk):
-            lse[s:s + chunk] = torch.logsumexp(logits[s:s + chunk].float(), dim=-1)
+        lse = _row_logsumexp(logits, chunk)
         ctx.save_for_backward(logits, rows, targets, lse)
         ctx.chunk = chunk
         return logits[rows, targets].float() - lse[rows]
@@ -83,9 +81,13 @@ def target_logprobs(logits: Tensor, rows: Tensor, targets: Tensor, chunk: int = 
     """(T,) float32 log_softmax(logits[rows[t]])[targets[t]] of (K, V) logits, with a graph that keeps no
     float32 copy of them (`_TargetLogprobs`); rows may repeat (two answers predicted from one position)."""
     if not torch.is_grad_enabled() or not logits.requires_grad:
-        lse = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in logits.split(chunk)])
-        return logits[rows, targets].float() - lse[rows]
+        return logits[rows, targets].float() - _row_logsumexp(logits, chunk)[rows]
     return _TargetLogprobs.apply(logits, rows, targets, chunk)
+
+
+def _row_logsumexp(logits: Tensor, chunk: int) -> Tensor:
+    """(K,) float32 logsumexp of each row of (K, V) logits, upcast `chunk` rows at a time."""
+    return torch.cat([torch.logsumexp(c.float(), dim=-1) for c in logits.split(chunk)])
 
 
 def masked_sum_logprobs(
