@@ -12,6 +12,7 @@ in a collective forever.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -125,7 +126,14 @@ def local_launch(devices: Any, num_nodes: int, accelerator: str, argv: list[str]
 
 
 def destroy_distributed() -> None:
+    """Leave the process group while the interpreter is fully alive.
+
+    A finished run's DDP/FSDP wrappers sit in reference cycles that hold the group and its gloo work
+    objects; collected only at interpreter exit, they drop tensors from PyTorch's background threads
+    during finalization, which can abort a rank that has finished its work (pytorch/pytorch#190489).
+    Collecting them first makes the group's teardown happen here."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
