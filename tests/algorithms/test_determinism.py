@@ -95,7 +95,8 @@ def _ranks_agree(rank, model_dir, files, run_dir, other_vendor):
     cfg = make_cfg(run_dir, model_dir, files, "model.micro_batch_size=1", "trainer.spin.max_steps=1",
                    "model.optim.sched.warmup_steps=0")
     trainer = build_trainer(cfg)
-    return linear_kernel_in_use(trainer.policy), linear_kernel_in_use(trainer.reference.module)
+    with trainer.reference.active() as reference:
+        return linear_kernel_in_use(trainer.policy), linear_kernel_in_use(reference)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="needs oneDNN (two kernels to choose between)")

@@ -162,6 +162,8 @@ def train_losses(run_dir):
 
 
 def test_mixed_run_trains_earlier_answers_against_the_current_reference(cfg_factory):
+    import copy
+
     from spinlm.model.logprobs import masked_sum_logprobs
     from spinlm.data.collate import spin_custom_collate
     from spinlm.train import build_trainer
@@ -172,6 +174,8 @@ def test_mixed_run_trains_earlier_answers_against_the_current_reference(cfg_fact
     real = trainer._pair_batch
 
     def record(keys, answers):
+        if trainer.iteration == 1 and 1 not in seen:  # iteration 1's reference: the policy before its first step
+            seen["reference"] = copy.deepcopy(trainer.policy).eval()
         seen.setdefault(trainer.iteration, []).append((keys, answers))
         return real(keys, answers)
 
@@ -185,11 +189,8 @@ def test_mixed_run_trains_earlier_answers_against_the_current_reference(cfg_fact
     assert (run_dir / "rollouts" / "rescored_for_iter_1" / "iter_0.jsonl").is_file()
 
     # the stored log-probs of the earlier answers are the reference of iteration 1 (the policy after
-    # iteration 0: saved in the checkpoint at step 4), not iteration 0's
-    import safetensors.torch
-    checkpoint = run_dir / "checkpoints" / "step_000006"
-    ref = trainer.reference.module
-    safetensors.torch.load_model(ref, str(checkpoint / "reference.safetensors"))
+    # iteration 0), not iteration 0's
+    ref = seen["reference"]
     _, answers = seen[1][0]
     old = [(k, r) for k, r in answers.items() if k[0] == 0]
     items = [trainer.train_dataset[i] for (_, i), _ in old]

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -180,7 +181,9 @@ def test_max_time_abandons_a_long_generation_once_a_step_is_trained(cfg_factory,
 
 @pytest.mark.parametrize("damage", ["truncate weights", "drop manifest", "corrupt rollouts"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cfg_factory, caplog, damage):
-    cfg = cfg_factory("exp_manager.checkpoint_callback_params.save_top_k=-1")
+    # corrupt rollouts: generating at every epoch keeps a frozen reference copy, which makes them again
+    regenerate = "true" if damage == "corrupt rollouts" else "false"
+    cfg = cfg_factory("exp_manager.checkpoint_callback_params.save_top_k=-1", f"model.spin.regenerate_each_epoch={regenerate}")
     first = build_trainer(cfg)
     first.fit()
     expected = params_vector(first.policy)
@@ -193,15 +196,37 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(cfg_factory, c
     else:
         (newest / "manifest.json").unlink()
     if damage == "corrupt rollouts":  # the generations step 6 would reuse; they are made again, identically
-        (first.logger.run_dir / "rollouts" / "iter_1.jsonl").write_text('{"index": 0, "generated_ids": [1, 2\n')
+        (first.logger.run_dir / "rollouts" / "iter_1_epoch_1.jsonl").write_text('{"index": 0, "generated_ids": [1, 2\n')
     with caplog.at_level(logging.WARNING):
         resumed = build_trainer(cfg)
         assert resumed.step == 6
         resumed.fit()
     assert "step_000008 is incomplete or corrupt; trying the previous one" in caplog.text
     if damage == "corrupt rollouts":
-        assert "iter_1.jsonl is unreadable" in caplog.text
+        assert "iter_1_epoch_1.jsonl is unreadable" in caplog.text
     assert torch.equal(params_vector(resumed.policy), expected)
+
+
+def test_lost_rollouts_inside_an_iteration_are_refused_without_a_reference_copy(cfg_factory):
+    """Full fine-tuning keeps no reference copy (model/reference.py), so a resume inside an iteration whose
+    generations are lost cannot make them again: a one-line error naming the file; resuming from the
+    iteration's start makes them again and ends where the run did."""
+    cfg = cfg_factory("exp_manager.checkpoint_callback_params.save_top_k=-1")
+    first = build_trainer(cfg)
+    first.fit()
+    checkpoints, rollouts = first.logger.run_dir / "checkpoints", first.logger.run_dir / "rollouts" / "iter_1.jsonl"
+    shutil.rmtree(checkpoints / "step_000008")
+    rollouts.unlink()
+    resumed = build_trainer(cfg)
+    assert resumed.step == 6
+    with pytest.raises(TrainingError, match=f"making {rollouts} .* at step 6, inside iteration 1, needs the "
+                                            "reference policy, .*resume from the checkpoint at the iteration's start"):
+        resumed.fit()
+    shutil.rmtree(checkpoints / "step_000006")
+    again = build_trainer(cfg)
+    assert again.step == 4
+    again.fit()
+    assert torch.equal(params_vector(again.policy), params_vector(first.policy))
 
 
 def test_resume_with_a_different_batch_layout_is_refused(cfg_factory):

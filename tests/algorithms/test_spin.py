@@ -13,6 +13,7 @@ from conftest import crash_at_step
 from spinlm.algorithms.spin import SPINTrainer
 from spinlm.config import load_config
 from spinlm.model.generation import DecoderBackend, generate
+from spinlm.model.reference import FrozenReference, PolicyAsReference
 from spinlm.schedule import count_steps
 from spinlm.train import build_trainer, run
 
@@ -56,6 +57,12 @@ def params_vector(module):
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
+def reference_vector(trainer):
+    """The reference's weights, whatever its kind (a frozen copy, or the policy itself)."""
+    with trainer.reference.active() as reference:
+        return params_vector(reference)
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -88,7 +95,10 @@ def test_kl_penalty_list_sets_beta_per_iteration(cfg_factory):
 
 # ----- the reference policy ---------------------------------------------------------------
 def test_generation_and_reference_logprobs_use_reference_weights(cfg_factory):
-    trainer = build_trainer(cfg_factory("model.spin.sampling_params.use_greedy=true"))
+    """A frozen copy (kept when generating at every epoch) answers, not the policy that drifted from it."""
+    trainer = build_trainer(cfg_factory("model.spin.sampling_params.use_greedy=true",
+                                        "model.spin.regenerate_each_epoch=true"))
+    assert isinstance(trainer.reference, FrozenReference)
     ref_before = params_vector(trainer.reference.module)
     with torch.no_grad():  # the policy drifts away from the reference
         for p in trainer.policy.parameters():
@@ -109,7 +119,7 @@ def test_generation_and_reference_logprobs_use_reference_weights(cfg_factory):
 
 
 def test_reference_changes_at_iteration_ends_only(cfg_factory, monkeypatch):
-    trainer = build_trainer(cfg_factory())
+    trainer = build_trainer(cfg_factory("model.spin.regenerate_each_epoch=true"))  # a frozen copy
     seen = []
     original = trainer._log_step
 
@@ -133,6 +143,32 @@ def test_reference_changes_at_iteration_ends_only(cfg_factory, monkeypatch):
         previous = ref
     # the checkpoint written at step 4 (an iteration boundary) holds the refreshed reference
     assert torch.equal(saved[1], seen[3][2])
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_policy_as_reference_trains_as_a_frozen_copy_does(cfg_factory, monkeypatch, precision):
+    """Full fine-tuning keeps no reference copy: the same rollouts, reference log-probs, losses and weights,
+    bitwise, as with one (2 iterations: a refresh between them); checkpoints hold no reference file."""
+    from spinlm.model import build
+
+    runs = {}
+    for kind in ("policy", "frozen"):
+        if kind == "frozen":
+            monkeypatch.setattr(build, "reference_kind", lambda *args: "frozen")
+        trainer = build_trainer(cfg_factory(f"trainer.precision={precision}", run_name=kind))
+        assert isinstance(trainer.reference, PolicyAsReference if kind == "policy" else FrozenReference)
+        trainer.fit()
+        run_dir = trainer.logger.run_dir
+        rollouts = {p.name: [{k: v for k, v in json.loads(line).items() if k != "text"} for line in p.open()]
+                    for p in sorted((run_dir / "rollouts").glob("*.jsonl"))}
+        losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+        files = {p.name for p in (run_dir / "checkpoints").glob("step_*/*.safetensors")}
+        runs[kind] = rollouts, losses, params_vector(trainer.policy), files
+    (rollouts, losses, weights, files), frozen = runs["policy"], runs["frozen"]
+    assert len(rollouts) == 2 and rollouts == frozen[0]
+    assert len(losses) == 8 and losses == frozen[1]
+    assert torch.equal(weights, frozen[2])
+    assert "reference.safetensors" in frozen[3] and "reference.safetensors" not in files
 
 
 def test_generates_once_per_iteration_and_reuses_on_disk(cfg_factory, monkeypatch):
@@ -186,7 +222,7 @@ def test_resume_after_crash_matches_uninterrupted_run(cfg_factory, monkeypatch, 
     assert resumed.step == crash_after - crash_after % 2  # the last checkpoint (save_interval=2)
     resumed.fit()
     assert torch.equal(params_vector(resumed.policy), params_vector(reference_run.policy))
-    assert torch.equal(params_vector(resumed.reference.module), params_vector(reference_run.reference.module))
+    assert torch.equal(reference_vector(resumed), reference_vector(reference_run))
     losses = [r["train/loss"] for r in read_metrics(resumed.logger.run_dir) if "train/loss" in r]
     assert losses == full_losses
 

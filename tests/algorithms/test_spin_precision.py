@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import crash_at_step
-from test_spin import LORA, cfg_factory, params_vector  # noqa: F401 (a fixture)
+from test_spin import LORA, cfg_factory, params_vector, reference_vector  # noqa: F401 (a fixture)
 
 from transformers import AutoConfig
 
@@ -31,7 +31,8 @@ def test_bf16_first_step_loss_is_ln2_and_weights_stay_bf16(cfg_factory):
     assert abs(metrics["loss"] - math.log(2)) <= 1e-3
     assert metrics["loss"] != math.log(2)  # computed in bf16 indeed (fp32 gives ln 2 to 1e-7)
     assert {p.dtype for p in trainer.policy.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in trainer.reference.module.parameters()} == {torch.bfloat16}
+    with trainer.reference.active() as reference:
+        assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
     assert isinstance(trainer.optimizer, BF16AdamW)
     assert all(p.grad is None for p in trainer.policy.parameters())  # freed after the step
     states = list(trainer.optimizer.state.values())
@@ -66,7 +67,7 @@ def test_bf16_resume_after_crash_is_bitwise(cfg_factory, monkeypatch):
     resumed.fit()
     assert resumed.step == full.step == 4
     assert torch.equal(params_vector(resumed.policy), params_vector(full.policy))
-    assert torch.equal(params_vector(resumed.reference.module), params_vector(full.reference.module))
+    assert torch.equal(reference_vector(resumed), reference_vector(full))
     lows = [torch.cat([s["master_low"].view(torch.int16).flatten() for s in t.optimizer.state.values()])
             for t in (resumed, full)]
     assert torch.equal(*lows)

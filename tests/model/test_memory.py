@@ -13,7 +13,7 @@ from spinlm.config import load_config
 from spinlm.errors import ConfigError
 from spinlm.model import memory
 from spinlm.model.precision import precision_of
-from spinlm.model.reference import FrozenReference
+from spinlm.model.reference import FrozenReference, PolicyAsReference
 from spinlm.train import adamw
 
 WORK = memory.Workload(micro_batch_size=2, row_tokens=40, answer_tokens=10, mean_answer_tokens=8, rollout_batch=4,
@@ -32,9 +32,12 @@ def _bytes(tensors):
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "bf16"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_static_bytes_are_what_the_run_allocates(precision, tie):
-    """Weights, gradients, optimizer state and reference after one step equal the estimate's bytes per parameter."""
+    """Weights, gradients, optimizer state and reference after one step equal the estimate's bytes per parameter:
+    a frozen copy where the run keeps one (regenerating each epoch), else none, plus under mixed precision the
+    compute-dtype copy the policy-as-reference makes for generation."""
     config, p = _config(tie=tie), precision_of(precision)
-    est = memory.estimate(config, p, "single", 1, WORK)
+    est = memory.estimate(config, p, "single", 1, WORK, regenerate_each_epoch=True)
+    shared = memory.estimate(config, p, "single", 1, WORK)
     torch.manual_seed(0)
     policy = LlamaForCausalLM(config).to(p.param_dtype)
     reference = FrozenReference.copy_of(policy, p)
@@ -49,6 +52,11 @@ def test_static_bytes_are_what_the_run_allocates(precision, tie):
                 "optimizer": _bytes(state), "reference": _bytes(reference.module.parameters())}
     for holder, value in measured.items():
         assert est.per_param[holder] * est.parameters == pytest.approx(value), holder
+    assert shared.per_param == {**est.per_param, "reference": 0.0}
+    with PolicyAsReference(policy, p).active() as module:
+        generation_copy = 0 if module is policy else _bytes(module.parameters())
+    assert generation_copy == (measured["reference"] if p.autocast_dtype is not None else 0)
+    assert shared.generation_extra.get("reference copy", 0) == pytest.approx(generation_copy)
 
 
 def _saved_bytes(model, pairs, autocast):
@@ -97,8 +105,9 @@ def test_sharding_and_recomputation_lower_the_estimate():
     block = memory.estimate(config, p, "single", 1, WORK, ("full", "block", 1))
     acts = [e.train_extra["activations"] for e in (single, block, full)]
     assert acts[0] > acts[1] > acts[2]
-    assert single.bytes_per_param == 16  # 2 + 2 + 10 + 2
-    assert memory.estimate(config, precision_of("32"), "single", 1, WORK).bytes_per_param == 20
+    assert single.bytes_per_param == 14  # 2 + 2 + 10: the policy is the reference
+    assert memory.estimate(config, p, "single", 1, WORK, regenerate_each_epoch=True).bytes_per_param == 16  # + 2
+    assert memory.estimate(config, precision_of("32"), "single", 1, WORK).bytes_per_param == 16
 
 
 def test_one_line_at_start_and_a_clear_error_when_cuda_memory_is_short(tiny_model_dir, monkeypatch, caplog):

@@ -70,7 +70,8 @@ class SPINTrainer:
         `trainer.spin.skip_non_finite_steps`); an out-of-memory error names the sizes and keys.
       - one process, or torchrun ranks with DDP or FSDP2 (`spinlm.algorithms.sharded` splits the
         work; results match one process); rank 0 alone writes files and logs;
-      - LoRA (`model.peft`): the reference is the policy with its adapters off, merged at iteration ends.
+      - no reference copy: the policy while they are equal, or with LoRA (`model.peft`) the policy with
+        its adapters off, merged at iteration ends (`model/reference.py`).
     Assumes: chat data rendered by `spinlm.data`, right-padded batches.
     """
 
@@ -239,6 +240,7 @@ class SPINTrainer:
         cached = broadcast_from_main(self.rollouts.load(iteration, key_epoch, indices) if info().is_main else None)
         if cached is not None:
             return cached
+        self._require_reference(f"making {self.rollouts.path(iteration, key_epoch)} (missing or unreadable)")
         items = [self.train_dataset[i] for i in indices]
         prompts = [list(it["prompt_ids"]) for it in items]
 
@@ -284,11 +286,16 @@ class SPINTrainer:
 
     def _reference_logprobs(self, indices: list[int], generated: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Reference log p(actual) and log p(generated) for a set, in length-sorted micro batches of pairs."""
+        self._require_reference("scoring answers under the reference")
         items = [self.train_dataset[i] for i in indices]
         with self.reference.active() as reference:
             return reference_logprobs_sharded(
                 reference, [it["prompt_ids"] for it in items], [it["answer_ids"] for it in items],
                 generated, self.eos_id, self.model_cfg.spin.log_prob_forward_micro_batch_size, self._autocast)
+
+    def _require_reference(self, why: str) -> None:
+        at_start = self.step == 0 or self.schedule.is_iteration_end(self.step)
+        self.reference.require(at_start, f"{why} at step {self.step}, inside iteration {self.iteration},")
 
     def _pair_batch(self, keys: list[PairKey], answers: dict[PairKey, Rollout]) -> dict[str, Tensor]:
         indices = [i for _, i in keys]

@@ -30,7 +30,13 @@ from spinlm.model import lora, parallel
 from spinlm.model.loading import adopt_model, load_model, load_model_skeleton
 from spinlm.model.precision import Precision, frozen_copy, precision_of
 from spinlm.model.recompute import apply_activation_checkpointing
-from spinlm.model.reference import FrozenReference, LoraReference, ReferencePolicy
+from spinlm.model.reference import (
+    FrozenReference,
+    LoraReference,
+    PolicyAsReference,
+    ReferencePolicy,
+    reference_kind,
+)
 from spinlm.utils.distributed import info
 
 
@@ -47,6 +53,8 @@ def build_models(
     precision = precision_of(cfg.trainer.precision)
     dtype = precision.param_dtype
     reads = info().is_main or model is not None  # the ranks that hold the weights (rank 0 reads the file)
+    kind = None if not with_reference else reference_kind(  # None: spinlm sft
+        precision, strategy, settings is not None, bool(cfg.model.spin.regenerate_each_epoch))
 
     def skeleton() -> nn.Module:
         source = path if model is None else model.config
@@ -63,37 +71,41 @@ def build_models(
     apply_activation_checkpointing(model, cfg.model.activations_checkpoint_granularity,
                                    cfg.model.activations_checkpoint_method, cfg.model.activations_checkpoint_num_layers)
     if strategy == "fsdp":
-        return _sharded(model, skeleton, settings, precision, device, reads, with_reference)
+        return _sharded(model, skeleton, settings, precision, device, reads, kind)
     if not reads:
         parallel.materialize(model, device)  # filled from rank 0 below
     model.to(device)
-    reference: ReferencePolicy | None = None
-    if settings is None and with_reference:
-        reference = FrozenReference.copy_of(model, precision)  # on the device, before DDP wraps the policy
-        parallel.broadcast_from_rank0([*reference.module.parameters(), *reference.module.buffers()])
-    policy = parallel.wrap_policy(model, strategy, device)  # DDP: its start broadcasts rank 0's weights
-    if not with_reference:
-        return policy, None
-    return policy, reference or LoraReference(policy, settings)
+    if kind != "frozen":
+        policy = parallel.wrap_policy(model, strategy, device)  # DDP: its start broadcasts rank 0's weights
+        return policy, _sharing_reference(kind, policy, settings, precision)
+    reference = FrozenReference.copy_of(model, precision)  # on the device, before DDP wraps the policy
+    parallel.broadcast_from_rank0([*reference.module.parameters(), *reference.module.buffers()])
+    return parallel.wrap_policy(model, strategy, device), reference  # DDP: its start broadcasts rank 0's weights
 
 
 def _sharded(
     model: nn.Module, skeleton, settings: lora.LoraSettings | None, precision: Precision, device: torch.device,
-    reads: bool, with_reference: bool,
+    reads: bool, kind: str | None,
 ) -> tuple[nn.Module, ReferencePolicy | None]:
     full = model.state_dict() if reads else {}  # rank 0's one host copy, until every shard is filled
     policy = _filled_shards(model, full, device, allocated=reads)
     parallel.broadcast_from_rank0(policy.buffers())  # non-persistent ones (rotary tables) are not in `full`
-    if not with_reference:
-        return policy, None
-    if settings is not None:
-        return policy, LoraReference(policy, settings)
+    if kind != "frozen":
+        return policy, _sharing_reference(kind, policy, settings, precision)
     # in the compute dtype, like the single-process copy (model/precision.py); filled (cast) from the same copy
     reference = _filled_shards(frozen_copy(skeleton(), precision), full, device, allocated=False)
     buffers = dict(policy.named_buffers())
     for name, buffer in reference.named_buffers():
         buffer.copy_(buffers[name])
     return policy, FrozenReference(reference)
+
+
+def _sharing_reference(kind: str | None, policy: nn.Module, settings: lora.LoraSettings | None,
+                       precision: Precision) -> ReferencePolicy | None:
+    """A reference that holds no weights of its own (`reference_kind` "lora" or "policy"); None for spinlm sft."""
+    if kind == "lora":
+        return LoraReference(policy, settings)
+    return PolicyAsReference(policy, precision) if kind == "policy" else None
 
 
 def _filled_shards(module: nn.Module, full: dict, device: torch.device, allocated: bool) -> nn.Module:

@@ -2,8 +2,8 @@
 
 `estimate` counts the parameters on a meta-device model (no memory, exact counts, tied weights once) and adds:
 - what lives all run, in bytes per parameter (`Precision.bytes_per_param`): the policy's weights, its
-  gradients, AdamW's state and the frozen reference (its bytes counted on the meta model too), divided by
-  the ranks under FSDP2;
+  gradients, AdamW's state and, where the run keeps one (`model/reference.py`), the frozen reference copy
+  (its bytes counted on the meta model too), divided by the ranks under FSDP2;
 - the larger of two phases:
   - the train step on the longest micro batch (its packed rows: prompt, ground-truth answer and
     `length_params.max_length` generated tokens): activations per token and decoder layer, a * hidden +
@@ -12,8 +12,9 @@
     selective recomputation the matrix products' outputs. Plus the log-softmax over the answer tokens'
     logits, and under autocast the low-precision copies of the weights it keeps for backward;
   - generation: the KV cache of one rollout batch (allocated for the whole answer; scoring the ground-truth
-    answers on it copies rows of it), the logits, and under FSDP2 the all-gathered reference (every rank
-    decodes with a full copy).
+    answers on it copies rows of it), the logits, under FSDP2 the all-gathered reference (every rank
+    decodes with a full copy), and under mixed precision without a kept copy the reference's
+    compute-dtype copy made for the generation.
 Gradients are freed after each optimizer step (`spin.py`), except DDP's buckets, which live all run.
 """
 
@@ -31,6 +32,7 @@ from spinlm.model import lora
 from spinlm.model.loading import load_model_config
 from spinlm.model.precision import Precision, frozen_copy, precision_of
 from spinlm.model.recompute import checkpointed_layers
+from spinlm.model.reference import reference_kind
 from spinlm.utils.distributed import info
 
 log = logging.getLogger(__name__)
@@ -104,17 +106,26 @@ def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> tor
 
 def estimate(config: PretrainedConfig, precision: Precision, strategy: str, world_size: int, work: Workload,
              checkpointing: tuple[str | None, str | None, int | None] = (None, None, None),
-             trust_remote_code: bool = False, lora: tuple[int, Sequence[str]] | None = None) -> MemoryEstimate:
+             trust_remote_code: bool = False, lora: tuple[int, Sequence[str]] | None = None,
+             regenerate_each_epoch: bool = False) -> MemoryEstimate:
     """Bytes per rank of a run (see the module docstring). `strategy`: single, ddp or fsdp. `lora`: (rank, the
-    names of the linear layers that get adapters)."""
+    names of the linear layers that get adapters). `regenerate_each_epoch`: full fine-tuning keeps a frozen
+    reference copy (`reference_kind`); otherwise the policy is the reference, plus under mixed precision a
+    compute-dtype copy while generating."""
     model = meta_model(config, trust_remote_code).to(precision.param_dtype)
     params = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     ranks = world_size if strategy == "fsdp" else 1
+    kind = reference_kind(precision, strategy, lora is not None, regenerate_each_epoch)
+    generation_copy = 0
     if lora is None:
         per_param = {k: v / ranks for k, v in precision.bytes_per_param().items()}
         reference = sum(p.numel() * p.dtype.itemsize for p in frozen_copy(model, precision).parameters())
-        per_param["reference"] = reference / params / ranks
+        if kind == "frozen":
+            per_param["reference"] = reference / params / ranks
+        else:
+            per_param["reference"] = 0.0
+            generation_copy = reference if precision.autocast_dtype is not None else 0
     else:
         adapters = lora_parameters(model, *lora)
         per_param = {k: v / ranks for k, v in lora_bytes_per_param(precision, adapters / params).items()}
@@ -124,6 +135,8 @@ def estimate(config: PretrainedConfig, precision: Precision, strategy: str, worl
     est = MemoryEstimate(params, name, ranks, per_param, gradients_freed=strategy != "ddp")
     est.train_extra = _train_step(shapes, precision, work, checkpointing, linear)
     est.generation_extra = _generation(shapes, precision, work, reference, ranks)
+    if generation_copy:
+        est.generation_extra["reference copy"] = generation_copy
     return est
 
 
@@ -262,7 +275,8 @@ def estimate_run(cfg, samples: list[dict], strategy: str, world_size: int,
                                                                                    settings.targets))
     return estimate(config, precision_of(cfg.trainer.precision), strategy, world_size, workload_of(cfg, samples),
                     (m.activations_checkpoint_granularity, m.activations_checkpoint_method,
-                     m.activations_checkpoint_num_layers), trust, lora=adapters)
+                     m.activations_checkpoint_num_layers), trust, lora=adapters,
+                    regenerate_each_epoch=bool(m.spin.regenerate_each_epoch))
 
 
 def report(cfg, samples: list[dict], strategy: str, world_size: int, device: torch.device,

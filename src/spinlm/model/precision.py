@@ -53,8 +53,9 @@ class Precision:
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def bytes_per_param(self) -> dict[str, float]:
-        """Bytes per parameter the run holds besides activations: policy weights, gradients, AdamW state, reference
-        (~2 for the mixed modes' reference: its embeddings and norms stay fp32)."""
+        """Bytes per parameter the run holds besides activations: policy weights, gradients, AdamW state, and a
+        frozen reference copy where a run keeps one (`reference_kind`; ~2 for the mixed modes' copy: its
+        embeddings and norms stay fp32)."""
         weights = self.param_dtype.itemsize
         optimizer = 8 + (2 if self.is_bf16 else 0)
         return {"weights": weights, "gradients": weights, "optimizer": optimizer,

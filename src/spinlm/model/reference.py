@@ -1,7 +1,9 @@
 """The frozen opponent of SPIN: the previous iterate, which generates and scores reference log-probs.
 
-One interface, two kinds:
-- `FrozenReference`: a separate frozen copy of the policy's weights (full fine-tuning);
+One interface, three kinds (`reference_kind` picks one for a run):
+- `PolicyAsReference`: the policy itself, used only while it equals the reference (full fine-tuning);
+- `FrozenReference`: a separate frozen copy of the policy's weights (full fine-tuning that generates
+  mid-iteration, or mixed precision under FSDP2);
 - `LoraReference`: the policy itself with its LoRA adapters switched off (no second copy).
 
 Callers use only the interface: `active()` for generation and reference log-probs, `state_dict()` for
@@ -18,14 +20,31 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from spinlm.errors import TrainingError
 from spinlm.model import lora, parallel
 from spinlm.model.loading import unwrap
 from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.precision import Precision, frozen_copy, precision_of
 
 
+def reference_kind(precision: Precision, strategy: str, lora: bool, regenerate_each_epoch: bool) -> str:
+    """Which reference a full or LoRA run holds: "lora", "frozen" or "policy" (see the module docstring).
+
+    Full fine-tuning needs its opponent only at an iteration's start, when the policy still equals it
+    (`PolicyAsReference`), unless it generates again at every epoch. Under FSDP2 a mixed-precision forward
+    would cast the sharded fp32 weights at every decoding step: a frozen copy in the compute dtype instead."""
+    if lora:
+        return "lora"
+    if regenerate_each_epoch or (strategy == "fsdp" and precision.autocast_dtype is not None):
+        return "frozen"
+    return "policy"
+
+
 class ReferencePolicy:
     """What SPIN needs of its opponent (the previous iterate)."""
+
+    def require(self, at_iteration_start: bool, what: str) -> None:
+        """Raise a TrainingError saying `what` cannot be done where this reference does not exist."""
 
     def active(self) -> contextlib.AbstractContextManager[nn.Module]:
         """A module whose forward is the reference's (eval mode, no grad), for the duration."""
@@ -109,6 +128,54 @@ class FrozenReference(ReferencePolicy):
 
     def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
         self.load_state_dict(read_weights("reference"))
+
+
+class PolicyAsReference(ReferencePolicy):
+    """Full fine-tuning without a second copy of the weights: the policy is the reference while they are equal.
+
+    SPIN uses its opponent once per iteration, before the first step: generation and the reference
+    log-probs are made then and kept on disk (a resume reads them), and the held-out evaluation runs
+    right after an iteration end. At those moments the policy is the reference, so a frozen copy held
+    through training (`FrozenReference`: 4 B/param in fp32, 2 in bf16) buys nothing and checkpoints
+    need no reference file. Inside an iteration it does not exist (`require`).
+
+    Under mixed precision the policy's weights are fp32 but the reference computes in bf16 or fp16:
+    `active()` makes a frozen copy in the compute dtype for its duration (decoding must not cast the
+    weights at every step) and drops it on exit, while no gradients exist (they are freed after each step).
+    """
+
+    def __init__(self, policy: nn.Module, precision: Precision) -> None:
+        self.policy, self.precision = policy, precision
+
+    def require(self, at_iteration_start: bool, what: str) -> None:
+        if not at_iteration_start:
+            raise TrainingError(f"{what} needs the reference policy, and full fine-tuning keeps no copy of it "
+                                "(model/reference.py): restore the run's rollouts/ files, or resume from the "
+                                "checkpoint at the iteration's start")
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        module = unwrap(self.policy)  # without DDP: no gradient sync
+        if self.precision.autocast_dtype is not None and not parallel.is_sharded(module):
+            with torch.no_grad():
+                yield frozen_copy(module, self.precision)
+            return
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield module
+        finally:
+            module.train(was_training)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return unwrap(self.policy).state_dict()
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return parallel.full_state_dict(self.policy)
+
+    def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Nothing to copy: the policy is the new reference."""
 
 
 class LoraReference(ReferencePolicy):

@@ -1,7 +1,7 @@
 """Atomic, verifiable checkpoints: a directory per step, written under a temporary name and renamed.
 
 Layout of `checkpoints/step_000042/`: one `.safetensors` file per module (policy, and a frozen
-reference: LoRA's is the policy's base), one `.state.safetensors` per other state (optimizer,
+reference where the run keeps one: `model/reference.py`), one `.state.safetensors` per other state (optimizer,
 scheduler, RNG, the reference's; see `statefile`),
 `trainer_state.json`, and last `manifest.json` with each file's size and SHA-256. A directory
 without a matching manifest (a crash mid-write, a corrupt disk) is skipped with a warning and the
