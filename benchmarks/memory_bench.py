@@ -19,7 +19,7 @@ file's pages. For spinlm modes the run's own memory estimate (spinlm.model.memor
 measurement.
 
 Modes:
-- `fp32`: trainer.precision=32 (policy, reference, gradients and AdamW in fp32)
+- `fp32`: trainer.precision=32 (policy, gradients and AdamW in fp32; the policy is the reference)
 - `bf16`: trainer.precision=bf16 (bf16 weights and gradients; AdamW with fp32 moments and master low bits)
 - `bf16_ckpt`: bf16 + model.activations_checkpoint_granularity=full
 - `lora`: LoRA r=16 on a bf16 base (measured only where this spinlm has model.peft)
