@@ -171,6 +171,32 @@ def test_policy_as_reference_trains_as_a_frozen_copy_does(cfg_factory, monkeypat
     assert "reference.safetensors" in frozen[3] and "reference.safetensors" not in files
 
 
+@pytest.mark.parametrize("crash_after", [3, 5])
+def test_a_run_without_a_reference_copy_resumes_with_one(cfg_factory, monkeypatch, crash_after):
+    """A checkpoint without a reference file (the policy was the reference) resumed where a frozen copy is kept
+    (FSDP2 with mixed precision, or generating every epoch): the copy is filled from the checkpoint's policy,
+    inside an iteration (step 2) as at its start (step 4); the run ends bitwise where an uninterrupted one does,
+    and inside an iteration that copy is refused until the next refresh."""
+    from spinlm.errors import TrainingError
+    from spinlm.model import build
+
+    full = build_trainer(cfg_factory(run_name="full"))
+    full.fit()
+    cfg = cfg_factory(run_name="crashy")
+    crash_at_step(build_trainer(cfg), crash_after, monkeypatch)
+    monkeypatch.setattr(build, "reference_kind", lambda *args: "frozen")
+    resumed = build_trainer(cfg)
+    assert isinstance(resumed.reference, FrozenReference) and resumed.step == crash_after - crash_after % 2
+    if resumed.step == 2:
+        with pytest.raises(TrainingError, match="holds only the policy"):
+            resumed._reference_logprobs([0], [[5, 6]])
+    resumed.fit()
+    assert torch.equal(params_vector(resumed.policy), params_vector(full.policy))
+    assert torch.equal(reference_vector(resumed), reference_vector(full))
+    losses = [r["train/loss"] for r in read_metrics(resumed.logger.run_dir) if "train/loss" in r]
+    assert losses == [r["train/loss"] for r in read_metrics(full.logger.run_dir) if "train/loss" in r]
+
+
 def test_generates_once_per_iteration_and_reuses_on_disk(cfg_factory, monkeypatch):
     calls = []
     real = DecoderBackend.generate

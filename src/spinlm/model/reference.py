@@ -96,6 +96,7 @@ class FrozenReference(ReferencePolicy):
         self.module = module
         self.module.requires_grad_(False)
         self.module.eval()
+        self.from_policy = False  # restored from a checkpoint without a copy: right at an iteration's start only
 
     @classmethod
     def copy_of(cls, policy: nn.Module, precision: Precision | None = None) -> FrozenReference:
@@ -122,12 +123,26 @@ class FrozenReference(ReferencePolicy):
     def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Copy the policy's weights into the existing tensors (shard by shard under FSDP2)."""
         self.module.load_state_dict(unwrap(policy).state_dict(), strict=True)
+        self.from_policy = False
 
     def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
         return {"reference": self.full_state_dict()}
 
     def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
-        self.load_state_dict(read_weights("reference"))
+        """The checkpoint's copy; from a run that kept none (`PolicyAsReference`: resumed under FSDP2 with mixed
+        precision, or generating every epoch), the checkpoint's policy, which is the reference at an iteration's
+        start; inside an iteration it is not, and `require` refuses it until the next refresh."""
+        self.from_policy = bool(state.get("policy_is_reference") or state.get("from_policy"))
+        self.load_state_dict(read_weights("policy" if state.get("policy_is_reference") else "reference"))
+
+    def checkpoint_state(self) -> dict:
+        return {"from_policy": True} if self.from_policy else {}
+
+    def require(self, at_iteration_start: bool, what: str) -> None:
+        if self.from_policy and not at_iteration_start:
+            raise TrainingError(f"{what} needs the reference policy, and the checkpoint resumed (written without a "
+                                "reference copy) holds only the policy: restore the run's rollouts/ files, or resume "
+                                "from the checkpoint at the iteration's start")
 
 
 class PolicyAsReference(ReferencePolicy):
@@ -176,6 +191,9 @@ class PolicyAsReference(ReferencePolicy):
 
     def refresh_from(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Nothing to copy: the policy is the new reference."""
+
+    def checkpoint_state(self) -> dict:
+        return {"policy_is_reference": True}  # no reference file: a run resumed with a copy fills it from the policy
 
 
 class LoraReference(ReferencePolicy):
