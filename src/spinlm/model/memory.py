@@ -117,15 +117,10 @@ def estimate(config: PretrainedConfig, precision: Precision, strategy: str, worl
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     ranks = world_size if strategy == "fsdp" else 1
     kind = reference_kind(precision, strategy, lora is not None, regenerate_each_epoch)
-    generation_copy = 0
     if lora is None:
         per_param = {k: v / ranks for k, v in precision.bytes_per_param().items()}
         reference = sum(p.numel() * p.dtype.itemsize for p in frozen_copy(model, precision).parameters())
-        if kind == "frozen":
-            per_param["reference"] = reference / params / ranks
-        else:
-            per_param["reference"] = 0.0
-            generation_copy = reference if precision.autocast_dtype is not None else 0
+        per_param["reference"] = reference / params / ranks if kind == "frozen" else 0.0
     else:
         adapters = lora_parameters(model, *lora)
         per_param = {k: v / ranks for k, v in lora_bytes_per_param(precision, adapters / params).items()}
@@ -135,8 +130,8 @@ def estimate(config: PretrainedConfig, precision: Precision, strategy: str, worl
     est = MemoryEstimate(params, name, ranks, per_param, gradients_freed=strategy != "ddp")
     est.train_extra = _train_step(shapes, precision, work, checkpointing, linear)
     est.generation_extra = _generation(shapes, precision, work, reference, ranks)
-    if generation_copy:
-        est.generation_extra["reference copy"] = generation_copy
+    if kind == "policy" and precision.autocast_dtype is not None:  # PolicyAsReference.active()'s copy
+        est.generation_extra["reference copy"] = reference
     return est
 
 

@@ -27,6 +27,10 @@ from spinlm.model.logprobs import masked_sum_logprobs
 from spinlm.model.precision import Precision, frozen_copy, precision_of
 
 
+# in a checkpoint's reference state: no reference weights saved; the policy is the reference at an iteration's start
+POLICY_IS_REFERENCE = "policy_is_reference"
+
+
 def reference_kind(precision: Precision, strategy: str, lora: bool, regenerate_each_epoch: bool) -> str:
     """Which reference a full or LoRA run holds: "lora", "frozen" or "policy" (see the module docstring).
 
@@ -126,17 +130,17 @@ class FrozenReference(ReferencePolicy):
         self.from_policy = False
 
     def checkpoint_weights(self) -> dict[str, dict[str, Tensor]]:
-        return {"reference": self.full_state_dict()}
+        return {} if self.from_policy else {"reference": self.full_state_dict()}  # from_policy: not the reference
 
     def restore(self, read_weights: Callable[[str], dict[str, Tensor]], state: dict) -> None:
         """The checkpoint's copy; from a run that kept none (`PolicyAsReference`: resumed under FSDP2 with mixed
         precision, or generating every epoch), the checkpoint's policy, which is the reference at an iteration's
         start; inside an iteration it is not, and `require` refuses it until the next refresh."""
-        self.from_policy = bool(state.get("policy_is_reference") or state.get("from_policy"))
-        self.load_state_dict(read_weights("policy" if state.get("policy_is_reference") else "reference"))
+        self.from_policy = bool(state.get(POLICY_IS_REFERENCE))
+        self.load_state_dict(read_weights("policy" if self.from_policy else "reference"))
 
     def checkpoint_state(self) -> dict:
-        return {"from_policy": True} if self.from_policy else {}
+        return {POLICY_IS_REFERENCE: True} if self.from_policy else {}
 
     def require(self, at_iteration_start: bool, what: str) -> None:
         if self.from_policy and not at_iteration_start:
@@ -193,7 +197,7 @@ class PolicyAsReference(ReferencePolicy):
         """Nothing to copy: the policy is the new reference."""
 
     def checkpoint_state(self) -> dict:
-        return {"policy_is_reference": True}  # no reference file: a run resumed with a copy fills it from the policy
+        return {POLICY_IS_REFERENCE: True}
 
 
 class LoraReference(ReferencePolicy):
